@@ -1,0 +1,304 @@
+//! The JSON messages of the VMM protocol: requests, replies and errors.
+//!
+//! Requests are objects tagged by `op`. Replies are op-specific objects; failures are an
+//! [`ErrorReply`] in an error frame. Unknown fields are rejected so that a typo in a client
+//! is an error, not a silently ignored option.
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::MemoryLayout;
+
+/// Every request a client may send. The binary part of the frame is empty except where noted.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Introduces the client; the reply describes the VM and carries its memory fds.
+    Hello { client: String },
+    /// Stops every vCPU (returns once none is running).
+    Pause,
+    /// Lets every vCPU run again.
+    Resume,
+    /// Replies with the state blob in the binary part. The VM must be paused.
+    SaveState,
+    /// Carries a state blob in the binary part. Only in incoming mode, before any restore.
+    RestoreState,
+    /// Starts KVM dirty logging on every region.
+    DirtyLogStart,
+    /// Replies with the pages written since the last collect (or start) as a bitmap in the
+    /// binary part; collecting resets the log.
+    DirtyLogCollect,
+    DirtyLogStop,
+    Status,
+    /// Commits the hand-over on the source: from now on `resume` is refused for good.
+    Fence,
+    /// Ends the VMM process after replying.
+    Shutdown,
+}
+
+impl Request {
+    /// The `op` names the protocol defines, for telling an unknown op from a malformed one.
+    pub const OPS: &'static [&'static str] = &[
+        "hello",
+        "pause",
+        "resume",
+        "save_state",
+        "restore_state",
+        "dirty_log_start",
+        "dirty_log_collect",
+        "dirty_log_stop",
+        "status",
+        "fence",
+        "shutdown",
+    ];
+
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::SaveState => "save_state",
+            Self::RestoreState => "restore_state",
+            Self::DirtyLogStart => "dirty_log_start",
+            Self::DirtyLogCollect => "dirty_log_collect",
+            Self::DirtyLogStop => "dirty_log_stop",
+            Self::Status => "status",
+            Self::Fence => "fence",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// Parses a request's JSON part, telling apart the three ways it can be wrong.
+    pub fn parse(json: &[u8]) -> Result<Self, ErrorReply> {
+        let value: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, format!("invalid JSON: {e}")))?;
+        let op = value
+            .get("op")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| ErrorReply::new(ErrorCode::BadRequest, "missing string field `op`"))?;
+        if !Self::OPS.contains(&op) {
+            return Err(ErrorReply::new(
+                ErrorCode::UnknownOp,
+                format!("unknown op `{op}`"),
+            ));
+        }
+        let op = op.to_string();
+        let request: Self = serde_json::from_value(value.clone()).map_err(|e| {
+            ErrorReply::new(ErrorCode::BadRequest, format!("malformed `{op}` request: {e}"))
+        })?;
+        // serde ignores extra fields on unit variants of a tagged enum; catch them here by
+        // comparing against the fields the parsed request actually has.
+        if let (Some(given), Ok(serde_json::Value::Object(known))) =
+            (value.as_object(), serde_json::to_value(&request))
+            && let Some(extra) = given.keys().find(|k| !known.contains_key(*k))
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!("unknown field `{extra}` in `{op}` request"),
+            ));
+        }
+        Ok(request)
+    }
+}
+
+/// Why a request failed.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame itself was malformed; the VMM closes the connection after this reply.
+    BadFrame,
+    UnsupportedVersion,
+    /// The JSON was invalid or did not fit the op.
+    BadRequest,
+    UnknownOp,
+    /// The request is valid but not now (e.g. `save_state` while running).
+    InvalidState,
+    /// This VMM or kernel cannot do it; the message names the capability probed.
+    Unavailable,
+    /// The VMM tried and the operation failed.
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[serde(deny_unknown_fields)]
+#[error("{code:?}: {message}")]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The VM as a whole.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Incoming mode, no state restored yet: no vCPU may run.
+    Incoming,
+    Running,
+    Paused,
+    /// Paused for good: the hand-over was committed and this VM must never run again.
+    Fenced,
+    /// Every vCPU executed `hlt` (or stopped on an error).
+    Halted,
+}
+
+/// One optional capability of the VMM, with the reason when it is unavailable.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Capability {
+    pub name: String,
+    pub available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HelloReply {
+    pub protocol: u16,
+    /// Name and version of the VMM implementation.
+    pub vmm: String,
+    pub vm_id: String,
+    pub vcpus: u32,
+    pub incoming: bool,
+    pub state: VmState,
+    /// The layout; its `fd` fields index the descriptors attached to this reply.
+    pub layout: MemoryLayout,
+    pub capabilities: Vec<Capability>,
+}
+
+impl HelloReply {
+    pub fn capability(&self, name: &str) -> Option<&Capability> {
+        self.capabilities.iter().find(|c| c.name == name)
+    }
+}
+
+/// Reply to `pause`, `resume`, `fence`, `restore_state`, `dirty_log_start`/`stop`, `shutdown`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StateReply {
+    pub state: VmState,
+}
+
+/// Reply to `save_state`; the blob is the binary part.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SavedState {
+    /// Identifies the blob's format, so a VMM can refuse another implementation's state.
+    pub format: String,
+    pub version: u32,
+    pub bytes: u64,
+}
+
+/// Reply to `dirty_log_collect`; the bitmap (global page numbering) is the binary part.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyLogReply {
+    pub pages: u64,
+    pub dirty: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VcpuState {
+    /// Created, waiting for a restored state (incoming mode).
+    Incoming,
+    Running,
+    Paused,
+    Halted,
+    /// Stopped because KVM or the guest did something the VMM cannot continue from.
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuStatus {
+    pub index: u32,
+    pub state: VcpuState,
+    /// Heartbeats (port 0xF0 writes) counted so far, including those counted on the source
+    /// before a hand-over.
+    pub heartbeats: u64,
+    /// The last value written to the heartbeat port.
+    pub progress: u32,
+    /// The last value written to the status port (0xF2).
+    pub status_word: u32,
+    /// Why the vCPU stopped, when `state` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Reply to `status`, and the VMM's final report.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatus {
+    pub vm_id: String,
+    pub state: VmState,
+    /// Heartbeats per vCPU (the same numbers as in `vcpu_status`, for quick reading).
+    pub heartbeats: Vec<u64>,
+    /// Verification failures the guest reported (port 0xF1), over the VM's whole life.
+    pub failures: u64,
+    /// The page numbers reported, in order (the first 1024).
+    pub failed_pages: Vec<u64>,
+    pub vcpu_status: Vec<VcpuStatus>,
+    pub dirty_log_active: bool,
+    /// Time the vCPUs have been allowed to run in this process, in milliseconds.
+    pub run_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_distinguishes_errors() {
+        assert_eq!(Request::parse(br#"{"op":"pause"}"#), Ok(Request::Pause));
+        assert_eq!(
+            Request::parse(br#"{"op":"hello","client":"t"}"#),
+            Ok(Request::Hello { client: "t".into() })
+        );
+        assert_eq!(Request::parse(b"{nope").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(Request::parse(b"[1,2]").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            Request::parse(br#"{"op":"fly"}"#).unwrap_err().code,
+            ErrorCode::UnknownOp
+        );
+        assert_eq!(
+            Request::parse(br#"{"op":"pause","extra":1}"#).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            Request::parse(br#"{"op":"hello"}"#).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn every_op_round_trips() {
+        let all = [
+            Request::Hello { client: "c".into() },
+            Request::Pause,
+            Request::Resume,
+            Request::SaveState,
+            Request::RestoreState,
+            Request::DirtyLogStart,
+            Request::DirtyLogCollect,
+            Request::DirtyLogStop,
+            Request::Status,
+            Request::Fence,
+            Request::Shutdown,
+        ];
+        assert_eq!(all.len(), Request::OPS.len());
+        for r in all {
+            let json = serde_json::to_vec(&r).unwrap();
+            assert_eq!(Request::parse(&json), Ok(r.clone()));
+            assert!(Request::OPS.contains(&r.op()));
+        }
+    }
+}

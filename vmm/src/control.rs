@@ -1,0 +1,180 @@
+//! The VMM protocol server: accepts connections on the control socket and answers each
+//! request frame from [`Vm`]'s operations. It translates and validates; it owns no VM logic.
+//! A client that breaks framing gets an error reply and is disconnected; the VM is untouched.
+
+use std::io::ErrorKind;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use faultline::vmm_protocol::conn::{ConnError, Connection, Frame};
+use faultline::vmm_protocol::frame::{FrameError, FrameKind};
+use faultline::vmm_protocol::messages::{DirtyLogReply, ErrorCode, ErrorReply, Request, StateReply};
+
+use crate::vm::Vm;
+
+/// Binds the control socket. A stale socket file (no one listening) is replaced; a live one
+/// is an error, so two VMMs never share a socket.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        match UnixStream::connect(path) {
+            Ok(_) => anyhow::bail!("{} is in use by another process", path.display()),
+            Err(_) => std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?,
+        }
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+/// Serves connections until the process exits.
+pub fn serve(
+    listener: UnixListener,
+    vm: Arc<Vm>,
+    frame_timeout: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        let vm = vm.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || {
+                                handle(Connection::new(stream).with_frame_timeout(frame_timeout), &vm)
+                            });
+                        if let Err(e) = spawned {
+                            tracing::error!("cannot start a control connection thread: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("control socket accept failed: {e}"),
+                }
+            }
+        })
+}
+
+fn handle(mut conn: Connection, vm: &Vm) {
+    loop {
+        let frame = match conn.read_frame() {
+            Ok(frame) => frame,
+            Err(ConnError::Closed) => return,
+            Err(ConnError::Io(e)) if e.kind() == ErrorKind::ConnectionReset => return,
+            Err(e) => {
+                // The stream is no longer at a frame boundary: say why, then hang up.
+                let code = match &e {
+                    ConnError::Frame(FrameError::UnsupportedVersion(_)) => {
+                        ErrorCode::UnsupportedVersion
+                    }
+                    _ => ErrorCode::BadFrame,
+                };
+                tracing::warn!("closing a control connection: {e}");
+                let _ = reply_error(&mut conn, 0, ErrorReply::new(code, e.to_string()));
+                return;
+            }
+        };
+        let id = frame.header.id;
+        let shutdown = match respond(&mut conn, vm, frame) {
+            Ok(shutdown) => shutdown,
+            Err(e) => {
+                tracing::debug!("control client went away: {e}");
+                return;
+            }
+        };
+        if shutdown {
+            tracing::info!(request = id, "shutdown requested over the control socket");
+            vm.request_shutdown();
+        }
+    }
+}
+
+fn reply_error(conn: &mut Connection, id: u32, e: ErrorReply) -> std::io::Result<()> {
+    let json = serde_json::to_vec(&e).unwrap_or_default();
+    conn.write_frame(FrameKind::Error, id, &json, &[], &[])
+}
+
+fn reply<T: serde::Serialize>(conn: &mut Connection, id: u32, value: &T) -> std::io::Result<()> {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    conn.write_frame(FrameKind::Reply, id, &json, &[], &[])
+}
+
+/// Answers one frame. Returns true when the request was a shutdown (already acknowledged).
+fn respond(conn: &mut Connection, vm: &Vm, frame: Frame) -> std::io::Result<bool> {
+    let id = frame.header.id;
+    if frame.header.kind != FrameKind::Request {
+        let e = ErrorReply::new(
+            ErrorCode::BadFrame,
+            format!("expected a request frame, got {:?}", frame.header.kind),
+        );
+        return reply_error(conn, id, e).map(|_| false);
+    }
+    if !frame.fds.is_empty() {
+        // Dropping `frame` closes them: nothing a client may send carries descriptors.
+        let e = ErrorReply::new(ErrorCode::BadRequest, "requests carry no file descriptors");
+        return reply_error(conn, id, e).map(|_| false);
+    }
+    let request = match Request::parse(&frame.json) {
+        Ok(r) => r,
+        Err(e) => return reply_error(conn, id, e).map(|_| false),
+    };
+    if !frame.blob.is_empty() && request != Request::RestoreState {
+        let e = ErrorReply::new(
+            ErrorCode::BadRequest,
+            format!("`{}` takes no binary part", request.op()),
+        );
+        return reply_error(conn, id, e).map(|_| false);
+    }
+    tracing::debug!(op = request.op(), id, "control request");
+    let state = |r: Result<_, ErrorReply>| r.map(|state| StateReply { state });
+    match request {
+        Request::Hello { client } => {
+            tracing::info!(client, "control client said hello");
+            let (hello, fds) = vm.hello();
+            let json = serde_json::to_vec(&hello).unwrap_or_default();
+            conn.write_frame(FrameKind::Reply, id, &json, &[], &fds)?;
+        }
+        Request::Pause => send(conn, id, state(vm.pause()))?,
+        Request::Resume => send(conn, id, state(vm.resume()))?,
+        Request::Fence => send(conn, id, state(vm.fence()))?,
+        Request::RestoreState => send(conn, id, state(vm.restore_state(&frame.blob)))?,
+        Request::DirtyLogStart => send(conn, id, state(vm.dirty_log_start()))?,
+        Request::DirtyLogStop => send(conn, id, state(vm.dirty_log_stop()))?,
+        Request::Status => reply(conn, id, &vm.status())?,
+        Request::SaveState => match vm.save_state() {
+            Ok((info, blob)) => {
+                let json = serde_json::to_vec(&info).unwrap_or_default();
+                conn.write_frame(FrameKind::Reply, id, &json, &blob, &[])?;
+            }
+            Err(e) => reply_error(conn, id, e)?,
+        },
+        Request::DirtyLogCollect => match vm.dirty_log_collect() {
+            Ok(bitmap) => {
+                let info = DirtyLogReply {
+                    pages: bitmap.pages(),
+                    dirty: bitmap.count(),
+                };
+                let json = serde_json::to_vec(&info).unwrap_or_default();
+                conn.write_frame(FrameKind::Reply, id, &json, &bitmap.to_le_bytes(), &[])?;
+            }
+            Err(e) => reply_error(conn, id, e)?,
+        },
+        Request::Shutdown => {
+            reply(conn, id, &StateReply { state: vm.state() })?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn send<T: serde::Serialize>(
+    conn: &mut Connection,
+    id: u32,
+    result: Result<T, ErrorReply>,
+) -> std::io::Result<()> {
+    match result {
+        Ok(v) => reply(conn, id, &v),
+        Err(e) => reply_error(conn, id, e),
+    }
+}

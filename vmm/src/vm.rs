@@ -1,0 +1,514 @@
+//! One VM: KVM handles, RAM, vCPUs and the operations the VMM protocol exposes on them.
+//!
+//! Every operation returns either its reply or an [`ErrorReply`] saying why not, so the
+//! control server only translates. Operations are serialized by one lock; they are rare and
+//! each is short, apart from `pause`, which waits for the vCPUs to leave KVM_RUN.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use faultline::bitmap::PageBitmap;
+use faultline::layout::BackingKind;
+use faultline::vmm_protocol::PROTOCOL_VERSION;
+use faultline::vmm_protocol::messages::{
+    Capability, ErrorCode, ErrorReply, HelloReply, SavedState, VcpuState, VcpuStatus, VmState,
+    VmStatus,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::accounting::Accounting;
+use crate::boot;
+use crate::memory::{GuestMemory, MemoryError};
+use crate::state::{self, Meta, VcpuState as KvmVcpuState};
+use crate::vcpu::{self, RunControl, Vcpu};
+
+pub const VMM_NAME: &str = concat!("faultline-vmm/", env!("CARGO_PKG_VERSION"));
+
+pub struct VmConfig {
+    pub id: String,
+    pub vcpus: u32,
+    pub memory: u64,
+    pub backing: BackingKind,
+    pub incoming: bool,
+    /// The program and its arguments; ignored in incoming mode.
+    pub program: Vec<u8>,
+    pub args: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("cannot set up vCPU {index}: {what}: {source}")]
+    Vcpu {
+        index: u32,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+struct Ops {
+    restored: bool,
+    fenced: bool,
+    dirty_log: bool,
+    shutdown: bool,
+    run_since: Option<Instant>,
+    run_total: Duration,
+}
+
+pub struct Vm {
+    id: String,
+    incoming: bool,
+    // Field order is drop order: vCPU threads stop (Drop) before the VM fd closes and the
+    // memory is unmapped.
+    threads: Vec<JoinHandle<()>>,
+    vcpus: Vec<Arc<Vcpu>>,
+    control: Arc<RunControl>,
+    accounting: Arc<Accounting>,
+    vm_fd: VmFd,
+    memory: GuestMemory,
+    _kvm: Kvm,
+    msr_indices: Vec<u32>,
+    dirty_log_cap: Capability,
+    ops: Mutex<Ops>,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, message)
+}
+
+impl Vm {
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let memory = GuestMemory::new(&vm_fd, config.backing, config.memory)?;
+        memory.set_memslot(&vm_fd, false)?;
+        let dirty_log_cap = probe_dirty_log(&vm_fd, &memory);
+
+        let msr_indices = match kvm.get_msr_index_list() {
+            Ok(list) => list.as_slice().to_vec(),
+            Err(e) => {
+                tracing::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}); MSRs will not be saved");
+                Vec::new()
+            }
+        };
+
+        if !config.incoming {
+            boot::write_boot_image(memory.mapping(), config.memory, &config.program, &config.args)?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Vcpu {
+                index: 0,
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let e = |what| move |source| VmError::Vcpu { index, what, source };
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(e("KVM_CREATE_VCPU"))?;
+            if !config.incoming {
+                fd.set_cpuid2(&crate::cpuid::for_vcpu(&cpuid, index))
+                    .map_err(e("KVM_SET_CPUID2"))?;
+                let sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+                fd.set_sregs(&boot::long_mode_sregs(sregs))
+                    .map_err(e("KVM_SET_SREGS"))?;
+                fd.set_regs(&boot::entry_regs(
+                    index,
+                    config.vcpus,
+                    config.memory,
+                    config.args.len(),
+                ))
+                .map_err(e("KVM_SET_REGS"))?;
+            }
+            vcpus.push(Arc::new(Vcpu {
+                index: index as usize,
+                fd: Mutex::new(fd),
+            }));
+        }
+
+        vcpu::install_kick_handler().map_err(VmError::Signal)?;
+        let initial = if config.incoming {
+            VcpuState::Incoming
+        } else {
+            VcpuState::Paused
+        };
+        let control = Arc::new(RunControl::new(vcpus.len(), initial));
+        let accounting = Arc::new(Accounting::new(vcpus.len()));
+        let threads = vcpus
+            .iter()
+            .map(|v| vcpu::spawn(v.clone(), control.clone(), accounting.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmError::Thread)?;
+
+        Ok(Self {
+            id: config.id,
+            incoming: config.incoming,
+            threads,
+            vcpus,
+            control,
+            accounting,
+            vm_fd,
+            memory,
+            _kvm: kvm,
+            msr_indices,
+            dirty_log_cap,
+            ops: Mutex::new(Ops {
+                restored: false,
+                fenced: false,
+                dirty_log: false,
+                shutdown: false,
+                run_since: None,
+                run_total: Duration::ZERO,
+            }),
+        })
+    }
+
+    fn ops(&self) -> MutexGuard<'_, Ops> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn state_locked(&self, ops: &Ops) -> VmState {
+        if ops.fenced {
+            return VmState::Fenced;
+        }
+        let states = self.control.states();
+        if states.contains(&VcpuState::Incoming) {
+            VmState::Incoming
+        } else if states
+            .iter()
+            .all(|s| matches!(s, VcpuState::Halted | VcpuState::Failed))
+        {
+            VmState::Halted
+        } else if self.control.is_running() {
+            VmState::Running
+        } else {
+            VmState::Paused
+        }
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state_locked(&self.ops())
+    }
+
+    pub fn shutdown_requested(&self) -> bool {
+        self.ops().shutdown
+    }
+
+    /// Blocks until something about the vCPUs changes, or `timeout`.
+    pub fn wait_for_change(&self, timeout: Duration) {
+        self.control.wait_for_change(timeout);
+    }
+
+    pub fn hello(&self) -> (HelloReply, Vec<BorrowedFd<'_>>) {
+        let ops = self.ops();
+        let reply = HelloReply {
+            protocol: PROTOCOL_VERSION,
+            vmm: VMM_NAME.to_string(),
+            vm_id: self.id.clone(),
+            vcpus: self.vcpus.len() as u32,
+            incoming: self.incoming,
+            state: self.state_locked(&ops),
+            layout: self.memory.layout(),
+            capabilities: vec![
+                self.dirty_log_cap.clone(),
+                Capability {
+                    name: "save-state".into(),
+                    available: true,
+                    reason: None,
+                },
+                Capability {
+                    name: "restore-state".into(),
+                    available: self.incoming && !ops.restored,
+                    reason: (!self.incoming || ops.restored).then(|| {
+                        if self.incoming {
+                            "a state was already restored".to_string()
+                        } else {
+                            "the VMM was not started with --incoming".to_string()
+                        }
+                    }),
+                },
+            ],
+        };
+        (reply, vec![self.memory.fd().as_fd()])
+    }
+
+    /// Starts the vCPUs of a freshly booted VM (not in incoming mode).
+    pub fn start(&self) {
+        let mut ops = self.ops();
+        self.control.set_ready(&[]);
+        self.control.resume();
+        ops.run_since = Some(Instant::now());
+    }
+
+    pub fn pause(&self) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        self.control.pause(&self.threads);
+        if let Some(since) = ops.run_since.take() {
+            ops.run_total += since.elapsed();
+        }
+        Ok(self.state_locked(&ops))
+    }
+
+    pub fn resume(&self) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        match self.state_locked(&ops) {
+            VmState::Fenced => Err(err(
+                ErrorCode::InvalidState,
+                "this VM is fenced: its hand-over was committed and it must never run again",
+            )),
+            VmState::Incoming => Err(err(
+                ErrorCode::InvalidState,
+                "no state has been restored yet; send restore_state first",
+            )),
+            VmState::Halted => Ok(VmState::Halted),
+            VmState::Running => Ok(VmState::Running),
+            VmState::Paused => {
+                self.control.resume();
+                ops.run_since = Some(Instant::now());
+                Ok(VmState::Running)
+            }
+        }
+    }
+
+    pub fn fence(&self) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        if self.state_locked(&ops) == VmState::Running {
+            return Err(err(ErrorCode::InvalidState, "pause the VM before fencing it"));
+        }
+        ops.fenced = true;
+        Ok(VmState::Fenced)
+    }
+
+    pub fn request_shutdown(&self) -> VmState {
+        let mut ops = self.ops();
+        ops.shutdown = true;
+        let state = self.state_locked(&ops);
+        drop(ops);
+        self.control.notify();
+        state
+    }
+
+    pub fn save_state(&self) -> Result<(SavedState, Vec<u8>), ErrorReply> {
+        let ops = self.ops();
+        match self.state_locked(&ops) {
+            VmState::Running => {
+                return Err(err(ErrorCode::InvalidState, "pause the VM before saving its state"));
+            }
+            VmState::Incoming => {
+                return Err(err(ErrorCode::InvalidState, "an incoming VM has no state to save yet"));
+            }
+            VmState::Paused | VmState::Fenced | VmState::Halted => {}
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| KvmVcpuState::save(v.index, &v.lock(), &self.msr_indices))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+        let states = self.control.states();
+        let blob = state::VmState {
+            meta: Meta {
+                vmm: VMM_NAME.to_string(),
+                vm_id: self.id.clone(),
+                vcpus: self.vcpus.len(),
+                ram_size: self.memory.size(),
+                halted: states.iter().map(|s| *s == VcpuState::Halted).collect(),
+                accounting: self.accounting.snapshot(),
+            },
+            vcpus,
+        }
+        .encode();
+        let info = SavedState {
+            format: state::FORMAT.to_string(),
+            version: state::VERSION,
+            bytes: blob.len() as u64,
+        };
+        Ok((info, blob))
+    }
+
+    pub fn restore_state(&self, blob: &[u8]) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        if !self.incoming {
+            return Err(err(
+                ErrorCode::InvalidState,
+                "restore_state is only accepted by a VMM started with --incoming",
+            ));
+        }
+        if ops.restored {
+            return Err(err(ErrorCode::InvalidState, "a state was already restored"));
+        }
+        let decoded = state::VmState::decode(blob)
+            .map_err(|e| err(ErrorCode::BadRequest, format!("state blob rejected: {e}")))?;
+        if decoded.meta.vcpus != self.vcpus.len() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                state::StateError::VcpuCount {
+                    theirs: decoded.meta.vcpus,
+                    ours: self.vcpus.len(),
+                }
+                .to_string(),
+            ));
+        }
+        if decoded.meta.ram_size != self.memory.size() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                state::StateError::RamSize {
+                    theirs: decoded.meta.ram_size,
+                    ours: self.memory.size(),
+                }
+                .to_string(),
+            ));
+        }
+        // The vCPUs have never run, so a failure part-way leaves nothing that a later, valid
+        // restore would not overwrite: the VM stays incoming.
+        for (v, s) in self.vcpus.iter().zip(&decoded.vcpus) {
+            s.restore(v.index, &v.lock())
+                .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+        }
+        self.accounting.restore(&decoded.meta.accounting);
+        self.control.set_ready(&decoded.meta.halted);
+        ops.restored = true;
+        tracing::info!(source = %decoded.meta.vm_id, "state restored; VM paused until resume");
+        Ok(self.state_locked(&ops))
+    }
+
+    pub fn dirty_log_start(&self) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        if !self.dirty_log_cap.available {
+            return Err(err(
+                ErrorCode::Unavailable,
+                self.dirty_log_cap.reason.clone().unwrap_or_default(),
+            ));
+        }
+        if !ops.dirty_log {
+            self.memory
+                .set_memslot(&self.vm_fd, true)
+                .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+            ops.dirty_log = true;
+        }
+        Ok(self.state_locked(&ops))
+    }
+
+    pub fn dirty_log_collect(&self) -> Result<PageBitmap, ErrorReply> {
+        let ops = self.ops();
+        if !ops.dirty_log {
+            return Err(err(ErrorCode::InvalidState, "dirty logging is not started"));
+        }
+        let words = self
+            .memory
+            .collect_dirty(&self.vm_fd)
+            .map_err(|e| err(ErrorCode::Failed, format!("KVM_GET_DIRTY_LOG failed: {e}")))?;
+        let mut bitmap = PageBitmap::new(self.memory.pages());
+        let region = PageBitmap::from_words(words, self.memory.pages())
+            .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+        bitmap.splice(0, &region);
+        Ok(bitmap)
+    }
+
+    pub fn dirty_log_stop(&self) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        if ops.dirty_log {
+            self.memory
+                .set_memslot(&self.vm_fd, false)
+                .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+            ops.dirty_log = false;
+        }
+        Ok(self.state_locked(&ops))
+    }
+
+    pub fn status(&self) -> VmStatus {
+        let ops = self.ops();
+        let states = self.control.states();
+        let errors = self.control.errors();
+        let heartbeats = self.accounting.heartbeats();
+        let snapshot = self.accounting.snapshot();
+        let run = ops.run_total + ops.run_since.map(|s| s.elapsed()).unwrap_or_default();
+        VmStatus {
+            vm_id: self.id.clone(),
+            state: self.state_locked(&ops),
+            heartbeats: heartbeats.clone(),
+            failures: snapshot.failures,
+            failed_pages: snapshot.failed_pages,
+            vcpu_status: states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| VcpuStatus {
+                    index: i as u32,
+                    state: *s,
+                    heartbeats: heartbeats[i],
+                    progress: snapshot.progress[i],
+                    status_word: snapshot.status_words[i],
+                    error: errors[i].clone(),
+                })
+                .collect(),
+            dirty_log_active: ops.dirty_log,
+            run_ms: run.as_millis() as u64,
+        }
+    }
+
+    /// Stops the vCPU threads for good and waits for them.
+    pub fn stop(&mut self) {
+        self.control.exit(&self.threads);
+        let mut ops = self.ops();
+        if let Some(since) = ops.run_since.take() {
+            ops.run_total += since.elapsed();
+        }
+        drop(ops);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Dirty logging needs KVM to accept `KVM_MEM_LOG_DIRTY_PAGES` on the RAM memslot; KVM
+/// refuses it on guest_memfd memslots. Probed by turning it on and off before any vCPU runs.
+fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
+    let name = "dirty-log".to_string();
+    match memory.set_memslot(vm, true) {
+        Ok(()) => {
+            if let Err(e) = memory.set_memslot(vm, false) {
+                tracing::warn!("turning the dirty-log probe off failed: {e}");
+            }
+            Capability {
+                name,
+                available: true,
+                reason: None,
+            }
+        }
+        Err(e) => Capability {
+            name,
+            available: false,
+            reason: Some(format!(
+                "KVM refused KVM_MEM_LOG_DIRTY_PAGES on the {} RAM memslot: {}",
+                memory.backing(),
+                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string())
+            )),
+        },
+    }
+}

@@ -134,7 +134,7 @@ impl PageBitmap {
     /// unless `src` is empty) — how per-region dirty logs become one layout-wide bitmap.
     pub fn splice(&mut self, at: u64, src: &PageBitmap) {
         assert!(at + src.pages <= self.pages, "splice out of range");
-        if at % 64 == 0 {
+        if at.is_multiple_of(64) {
             let w0 = (at / 64) as usize;
             for (i, w) in src.words.iter().enumerate() {
                 self.words[w0 + i] |= w;

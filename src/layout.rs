@@ -232,16 +232,28 @@ mod tests {
             regions: vec![region(0, 1 << 20, 0), region(1 << 32, 1 << 20, 1)],
         };
         assert_eq!(good.validate(2), Ok(()));
-        assert!(matches!(good.validate(1), Err(LayoutError::MissingFd { .. })));
+        assert!(matches!(
+            good.validate(1),
+            Err(LayoutError::MissingFd { .. })
+        ));
         let overlap = MemoryLayout {
             regions: vec![region(0, 1 << 20, 0), region(4096, 4096, 0)],
         };
-        assert_eq!(overlap.validate(1), Err(LayoutError::Overlap { a: 0, b: 1 }));
+        assert_eq!(
+            overlap.validate(1),
+            Err(LayoutError::Overlap { a: 0, b: 1 })
+        );
         let unaligned = MemoryLayout {
             regions: vec![region(0, 100, 0)],
         };
-        assert!(matches!(unaligned.validate(1), Err(LayoutError::BadRegion { .. })));
-        assert_eq!(MemoryLayout { regions: vec![] }.validate(0), Err(LayoutError::Empty));
+        assert!(matches!(
+            unaligned.validate(1),
+            Err(LayoutError::BadRegion { .. })
+        ));
+        assert_eq!(
+            MemoryLayout { regions: vec![] }.validate(0),
+            Err(LayoutError::Empty)
+        );
     }
 
     #[test]

@@ -7,11 +7,15 @@ use std::time::Duration;
 /// An error parsing a size or a duration, carrying the input that was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UnitError {
-    #[error("`{0}` is not a size: expected a number with an optional K, M, G or T suffix (e.g. 512M, 4G)")]
+    #[error(
+        "`{0}` is not a size: expected a number with an optional K, M, G or T suffix (e.g. 512M, 4G)"
+    )]
     BadSize(String),
     #[error("`{0}` is too large")]
     Overflow(String),
-    #[error("`{0}` is not a duration: expected a number with a unit ns, us, ms, s, m or h (e.g. 5s, 250ms)")]
+    #[error(
+        "`{0}` is not a duration: expected a number with a unit ns, us, ms, s, m or h (e.g. 5s, 250ms)"
+    )]
     BadDuration(String),
 }
 
@@ -52,7 +56,7 @@ pub fn parse_size(input: &str) -> Result<u64, UnitError> {
             .map_err(|_| UnitError::BadSize(input.to_string()))?;
         let scale = 10u128.pow(frac.len() as u32);
         let numerator = (whole * scale + frac_val) << shift;
-        if numerator % scale != 0 {
+        if !numerator.is_multiple_of(scale) {
             return Err(UnitError::BadSize(input.to_string()));
         }
         u64::try_from(numerator / scale).map_err(|_| UnitError::Overflow(input.to_string()))
@@ -138,7 +142,10 @@ mod tests {
         assert!(parse_size("G").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("1.0000000001K").is_err());
-        assert!(matches!(parse_size("99999999999T"), Err(UnitError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(UnitError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -8,9 +8,12 @@ use std::process::Command;
 const PROGRAMS: &[&str] = &["memtouch"];
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {:?} (binutils installed?): {e}", cmd.get_program()));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {:?} (binutils installed?): {e}",
+            cmd.get_program()
+        )
+    });
     assert!(status.success(), "{cmd:?} failed with {status}");
 }
 

@@ -18,7 +18,11 @@ pub enum MmapError {
         source: std::io::Error,
     },
     #[error("access of {len} bytes at offset {offset} is outside the {size}-byte mapping")]
-    OutOfRange { offset: u64, len: usize, size: usize },
+    OutOfRange {
+        offset: u64,
+        len: usize,
+        size: usize,
+    },
     #[error("madvise failed: {0}")]
     Advise(#[source] std::io::Error),
 }
@@ -64,7 +68,11 @@ impl MmapRegion {
     }
 
     /// A shared, read-only view of `len` bytes of `fd` starting at `offset`.
-    pub fn shared_read_only(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<Self, MmapError> {
+    pub fn shared_read_only(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Result<Self, MmapError> {
         Self::map_fd(fd, offset, len, ProtFlags::READ)
     }
 
@@ -77,7 +85,14 @@ impl MmapRegion {
         // SAFETY: a new mapping at a kernel-chosen address aliases no Rust object; the file's
         // contents may change under us, which the access discipline above allows for.
         let ptr = unsafe {
-            rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, offset)
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                MapFlags::SHARED,
+                fd,
+                offset,
+            )
         }
         .map_err(|e| MmapError::Map {
             len,

@@ -177,8 +177,7 @@ impl VmmClient {
 
     /// The pages written since the last collect, in global page numbering.
     pub fn dirty_log_collect(&mut self) -> Result<PageBitmap, ClientError> {
-        let (reply, frame): (DirtyLogReply, _) =
-            self.call_json(&Request::DirtyLogCollect, &[])?;
+        let (reply, frame): (DirtyLogReply, _) = self.call_json(&Request::DirtyLogCollect, &[])?;
         let bitmap = PageBitmap::from_le_bytes(&frame.blob, reply.pages).map_err(|e| {
             ClientError::BadReply {
                 op: "dirty_log_collect",
@@ -188,7 +187,11 @@ impl VmmClient {
         if bitmap.count() != reply.dirty {
             return Err(ClientError::BadReply {
                 op: "dirty_log_collect",
-                what: format!("announced {} dirty pages, bitmap has {}", reply.dirty, bitmap.count()),
+                what: format!(
+                    "announced {} dirty pages, bitmap has {}",
+                    reply.dirty,
+                    bitmap.count()
+                ),
             });
         }
         Ok(bitmap)

@@ -75,7 +75,13 @@ impl Connection {
             return Err(ConnError::Closed);
         }
         let deadline = Instant::now() + self.frame_timeout;
-        self.fill(&mut header[first..], &mut fds, deadline, HEADER_LEN as u64, first as u64)?;
+        self.fill(
+            &mut header[first..],
+            &mut fds,
+            deadline,
+            HEADER_LEN as u64,
+            first as u64,
+        )?;
         let header = FrameHeader::decode(&header)?;
         let total = HEADER_LEN as u64 + u64::from(header.json_len) + header.blob_len;
         let mut json = vec![0u8; header.json_len as usize];
@@ -218,7 +224,10 @@ mod tests {
         // Stalled: the rest never comes.
         assert!(matches!(
             b.read_frame(),
-            Err(ConnError::Truncated { why: "the frame timeout", .. })
+            Err(ConnError::Truncated {
+                why: "the frame timeout",
+                ..
+            })
         ));
         drop(a);
         let (a, b) = UnixStream::pair().unwrap();
@@ -226,7 +235,10 @@ mod tests {
         let mut b = Connection::new(b);
         a.write_raw(&header[..10]).unwrap();
         drop(a);
-        assert!(matches!(b.read_frame(), Err(ConnError::Truncated { got: 10, .. })));
+        assert!(matches!(
+            b.read_frame(),
+            Err(ConnError::Truncated { got: 10, .. })
+        ));
     }
 
     #[test]
@@ -235,6 +247,9 @@ mod tests {
         let mut a = Connection::new(a);
         let mut b = Connection::new(b);
         a.write_raw(&[0xAB; 64]).unwrap();
-        assert!(matches!(b.read_frame(), Err(ConnError::Frame(FrameError::BadMagic(_)))));
+        assert!(matches!(
+            b.read_frame(),
+            Err(ConnError::Frame(FrameError::BadMagic(_)))
+        ));
     }
 }

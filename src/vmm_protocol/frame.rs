@@ -131,17 +131,29 @@ mod tests {
         let good = FrameHeader::new(FrameKind::Request, 1, 2, 0).encode();
         let mut b = good;
         b[0] = b'X';
-        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::BadMagic(_))));
+        assert!(matches!(
+            FrameHeader::decode(&b),
+            Err(FrameError::BadMagic(_))
+        ));
         let mut b = good;
         b[4] = 9;
-        assert_eq!(FrameHeader::decode(&b), Err(FrameError::UnsupportedVersion(9)));
+        assert_eq!(
+            FrameHeader::decode(&b),
+            Err(FrameError::UnsupportedVersion(9))
+        );
         let mut b = good;
         b[6] = 77;
         assert_eq!(FrameHeader::decode(&b), Err(FrameError::UnknownKind(77)));
         let b = FrameHeader::new(FrameKind::Request, 1, MAX_JSON_LEN + 1, 0).encode();
-        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::JsonTooLong(_))));
+        assert!(matches!(
+            FrameHeader::decode(&b),
+            Err(FrameError::JsonTooLong(_))
+        ));
         let b = FrameHeader::new(FrameKind::Request, 1, 0, MAX_BLOB_LEN + 1).encode();
-        assert!(matches!(FrameHeader::decode(&b), Err(FrameError::BlobTooLong(_))));
+        assert!(matches!(
+            FrameHeader::decode(&b),
+            Err(FrameError::BlobTooLong(_))
+        ));
     }
 
     proptest! {

@@ -13,7 +13,9 @@ use crate::layout::MemoryLayout;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Introduces the client; the reply describes the VM and carries its memory fds.
-    Hello { client: String },
+    Hello {
+        client: String,
+    },
     /// Stops every vCPU (returns once none is running).
     Pause,
     /// Lets every vCPU run again.
@@ -83,7 +85,10 @@ impl Request {
         }
         let op = op.to_string();
         let request: Self = serde_json::from_value(value.clone()).map_err(|e| {
-            ErrorReply::new(ErrorCode::BadRequest, format!("malformed `{op}` request: {e}"))
+            ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!("malformed `{op}` request: {e}"),
+            )
         })?;
         // serde ignores extra fields on unit variants of a tagged enum; catch them here by
         // comparing against the fields the parsed request actually has.
@@ -263,14 +268,22 @@ mod tests {
             Request::parse(br#"{"op":"hello","client":"t"}"#),
             Ok(Request::Hello { client: "t".into() })
         );
-        assert_eq!(Request::parse(b"{nope").unwrap_err().code, ErrorCode::BadRequest);
-        assert_eq!(Request::parse(b"[1,2]").unwrap_err().code, ErrorCode::BadRequest);
+        assert_eq!(
+            Request::parse(b"{nope").unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            Request::parse(b"[1,2]").unwrap_err().code,
+            ErrorCode::BadRequest
+        );
         assert_eq!(
             Request::parse(br#"{"op":"fly"}"#).unwrap_err().code,
             ErrorCode::UnknownOp
         );
         assert_eq!(
-            Request::parse(br#"{"op":"pause","extra":1}"#).unwrap_err().code,
+            Request::parse(br#"{"op":"pause","extra":1}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::BadRequest
         );
         assert_eq!(

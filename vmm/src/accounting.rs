@@ -104,11 +104,18 @@ impl Accounting {
                 .store(s.heartbeats.get(i).copied().unwrap_or(0), Ordering::Relaxed);
             c.progress
                 .store(s.progress.get(i).copied().unwrap_or(0), Ordering::Relaxed);
-            c.status_word
-                .store(s.status_words.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+            c.status_word.store(
+                s.status_words.get(i).copied().unwrap_or(0),
+                Ordering::Relaxed,
+            );
         }
         self.failures.store(s.failures, Ordering::Relaxed);
         let mut pages = self.failed_pages.lock().unwrap_or_else(|p| p.into_inner());
-        *pages = s.failed_pages.iter().copied().take(MAX_FAILED_PAGES).collect();
+        *pages = s
+            .failed_pages
+            .iter()
+            .copied()
+            .take(MAX_FAILED_PAGES)
+            .collect();
     }
 }

@@ -27,6 +27,12 @@ pub const FREE_ADDR: u64 = 0x20_0000;
 pub const RAM_ALIGN: u64 = 2 << 20;
 pub const MAX_RAM: u64 = 64 << 30;
 
+// The low-memory map holds for the largest VM: 64 page directories below the stacks, 64 stacks
+// below the program.
+const _: () = assert!(PD_ADDR + 64 * 4096 <= STACKS_ADDR);
+const _: () = assert!(STACKS_ADDR + 64 * STACK_SIZE <= LOAD_ADDR);
+const _: () = assert!(LOAD_ADDR + MAX_PROGRAM_LEN as u64 <= FREE_ADDR);
+
 const SEL_CODE: u16 = 0x08;
 const SEL_DATA: u16 = 0x10;
 
@@ -67,7 +73,7 @@ pub fn write_boot_image(
     program: &[u8],
     args: &[u64],
 ) -> Result<(), BootError> {
-    if !(64 << 20..=MAX_RAM).contains(&ram_size) || ram_size % RAM_ALIGN != 0 {
+    if !(64 << 20..=MAX_RAM).contains(&ram_size) || !ram_size.is_multiple_of(RAM_ALIGN) {
         return Err(BootError::BadRamSize(ram_size));
     }
     if program.is_empty() {
@@ -84,7 +90,10 @@ pub fn write_boot_image(
     ram.write(GDT_ADDR, &words(&gdt))?;
 
     // PML4[0] -> PDPT; PDPT[g] -> PD for GiB g; each PD maps 512 x 2 MiB.
-    ram.write(PML4_ADDR, &(PDPT_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes())?;
+    ram.write(
+        PML4_ADDR,
+        &(PDPT_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes(),
+    )?;
     let huge_pages = ram_size / RAM_ALIGN;
     let gibs = huge_pages.div_ceil(512);
     let pdpt: Vec<u64> = (0..gibs)
@@ -178,9 +187,6 @@ mod tests {
         let mut code = [0u8; 2];
         ram.read(LOAD_ADDR, &mut code).unwrap();
         assert_eq!(code, [0x90, 0xF4]);
-        // Low memory fits below the stacks even for 64 GiB.
-        assert!(PD_ADDR + 64 * 4096 <= STACKS_ADDR);
-        assert!(STACKS_ADDR + 64 * STACK_SIZE <= LOAD_ADDR, "64 vCPU stacks fit");
     }
 
     #[test]

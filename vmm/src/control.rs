@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use faultline::vmm_protocol::conn::{ConnError, Connection, Frame};
 use faultline::vmm_protocol::frame::{FrameError, FrameKind};
-use faultline::vmm_protocol::messages::{DirtyLogReply, ErrorCode, ErrorReply, Request, StateReply};
+use faultline::vmm_protocol::messages::{
+    DirtyLogReply, ErrorCode, ErrorReply, Request, StateReply,
+};
 
 use crate::vm::Vm;
 
@@ -44,7 +46,10 @@ pub fn serve(
                         let spawned = std::thread::Builder::new()
                             .name("control-conn".into())
                             .spawn(move || {
-                                handle(Connection::new(stream).with_frame_timeout(frame_timeout), &vm)
+                                handle(
+                                    Connection::new(stream).with_frame_timeout(frame_timeout),
+                                    &vm,
+                                )
                             });
                         if let Err(e) = spawned {
                             tracing::error!("cannot start a control connection thread: {e}");

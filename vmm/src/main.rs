@@ -171,7 +171,10 @@ fn program_and_args(cli: &Cli) -> anyhow::Result<(Vec<u8>, Vec<u64>)> {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let (program, args) = program_and_args(&cli)?;
     let id = cli.vm_id.clone().unwrap_or_else(|| {
-        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
         format!("{host}-{}", std::process::id())
     });
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -202,7 +205,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         "VM created"
     );
     if let Some(listener) = listener {
-        control::serve(listener, vm.clone(), cli.control_frame_timeout).context("cannot start the control server")?;
+        control::serve(listener, vm.clone(), cli.control_frame_timeout)
+            .context("cannot start the control server")?;
     }
     if !cli.incoming {
         vm.start();
@@ -242,7 +246,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let _ = vm.pause();
     let status = vm.status();
     tracing::info!(reason = end_reason, "VM stopped");
-    let failed_vcpus = status.vcpu_status.iter().filter(|v| v.error.is_some()).count();
+    let failed_vcpus = status
+        .vcpu_status
+        .iter()
+        .filter(|v| v.error.is_some())
+        .count();
     let mut out = std::io::stdout().lock();
     if cli.json {
         serde_json::to_writer(&mut out, &status).context("cannot write the final status")?;
@@ -288,7 +296,10 @@ fn summary(s: &VmStatus, reason: &str) -> String {
         s.vm_id,
         s.run_ms as f64 / 1000.0,
         s.heartbeats,
-        s.vcpu_status.iter().map(|v| v.status_word).collect::<Vec<_>>(),
+        s.vcpu_status
+            .iter()
+            .map(|v| v.status_word)
+            .collect::<Vec<_>>(),
         s.failures
     );
     if !s.failed_pages.is_empty() {

@@ -162,9 +162,14 @@ impl GuestMemory {
 
     /// Creates or updates the RAM memslot. `log_dirty` turns KVM dirty logging on or off.
     pub fn set_memslot(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
-        let dirty = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        let dirty = if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         let userspace_addr = self.mapping.as_ptr() as u64;
-        let result = match self.backing {
+
+        match self.backing {
             BackingKind::GuestMemfd => {
                 let flags = KVM_MEM_GUEST_MEMFD | dirty;
                 let region = kvm_userspace_memory_region2 {
@@ -191,11 +196,14 @@ impl GuestMemory {
                     userspace_addr,
                 };
                 // SAFETY: as above, the mapping outlives the VM's use of it.
-                unsafe { vm.set_user_memory_region(region) }
-                    .map_err(|source| MemoryError::Memslot { flags: dirty, source })
+                unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                    MemoryError::Memslot {
+                        flags: dirty,
+                        source,
+                    }
+                })
             }
-        };
-        result
+        }
     }
 
     /// Reads KVM's dirty bitmap for RAM (and resets it).

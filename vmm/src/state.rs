@@ -7,8 +7,8 @@
 //! (zerocopy), so the blob is exactly what KVM gave and takes.
 
 use kvm_bindings::{
-    CpuId, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -125,16 +125,19 @@ impl VcpuState {
         {
             fd.set_tsc_khz(khz).map_err(e("KVM_SET_TSC_KHZ"))?;
         }
-        fd.set_mp_state(self.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(e("KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs).map_err(e("KVM_SET_REGS"))?;
         fd.set_sregs(&self.sregs).map_err(e("KVM_SET_SREGS"))?;
         // SAFETY: `kvm_xsave` is the legacy 4 KiB layout KVM_GET_XSAVE produced, so KVM reads
         // no more than the struct holds.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&self.xcrs).map_err(e("KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&self.debugregs).map_err(e("KVM_SET_DEBUGREGS"))?;
+        fd.set_debug_regs(&self.debugregs)
+            .map_err(e("KVM_SET_DEBUGREGS"))?;
         write_msrs(vcpu, fd, &self.msrs)?;
-        fd.set_vcpu_events(&self.events).map_err(e("KVM_SET_VCPU_EVENTS"))?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(e("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }
@@ -154,7 +157,9 @@ fn read_msrs(vcpu: usize, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_en
             .collect();
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|_| StateError::Malformed("MSR batch too large".into()))?;
-        let read = fd.get_msrs(&mut msrs).map_err(kvm_err(vcpu, "KVM_GET_MSRS"))?;
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err(vcpu, "KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..read]);
         next += read;
         if read < batch.len() {
@@ -174,11 +179,23 @@ fn write_msrs(vcpu: usize, fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(),
             .map_err(|_| StateError::Malformed("MSR batch too large".into()))?;
         let written = fd.set_msrs(&msrs).map_err(kvm_err(vcpu, "KVM_SET_MSRS"))?;
         if written < batch.len() {
-            tracing::warn!(
-                vcpu,
-                msr = format_args!("{:#x}", batch[written].index),
-                "KVM refused to restore an MSR; skipping it"
-            );
+            let refused = batch[written];
+            // Often harmless: the MSR already holds the value (e.g. a disabled paravirtual
+            // feature whose "off" value KVM will not accept being written).
+            let current = read_msrs(vcpu, fd, &[refused.index])?;
+            if current.first().map(|m| m.data) == Some(refused.data) {
+                tracing::debug!(
+                    vcpu,
+                    msr = format_args!("{:#x}", refused.index),
+                    "MSR already holds the saved value"
+                );
+            } else {
+                tracing::warn!(
+                    vcpu,
+                    msr = format_args!("{:#x}", refused.index),
+                    "KVM refused to restore an MSR; skipping it"
+                );
+            }
             rest = &rest[written + 1..];
         } else {
             rest = &rest[batch.len()..];
@@ -193,7 +210,8 @@ impl Writer {
     fn section(&mut self, tag: u16, vcpu: usize, bytes: &[u8]) {
         self.0.extend_from_slice(&tag.to_le_bytes());
         self.0.extend_from_slice(&(vcpu as u16).to_le_bytes());
-        self.0.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        self.0
+            .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         self.0.extend_from_slice(bytes);
         self.1 += 1;
     }
@@ -272,9 +290,9 @@ impl VmState {
             if parts.len() < vcpus {
                 parts.resize_with(vcpus, Partial::default);
             }
-            parts[vcpu].take(tag, bytes).map_err(|what| {
-                bad(format!("vCPU {vcpu} section tag {tag}: {what}"))
-            })?;
+            parts[vcpu]
+                .take(tag, bytes)
+                .map_err(|what| bad(format!("vCPU {vcpu} section tag {tag}: {what}")))?;
         }
         if !rest.is_empty() {
             return Err(bad(format!("{} trailing bytes", rest.len())));
@@ -287,7 +305,10 @@ impl VmState {
         let vcpus = parts
             .into_iter()
             .enumerate()
-            .map(|(i, p)| p.finish().map_err(|what| bad(format!("vCPU {i}: missing {what}"))))
+            .map(|(i, p)| {
+                p.finish()
+                    .map_err(|what| bad(format!("vCPU {i}: missing {what}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { meta, vcpus })
     }
@@ -319,8 +340,11 @@ fn exact<T: FromBytes>(bytes: &[u8]) -> Result<T, String> {
 
 fn array<T: FromBytes + Clone>(bytes: &[u8]) -> Result<Vec<T>, String> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 {
-        return Err(format!("{} bytes is not a whole number of {size}-byte entries", bytes.len()));
+    if !bytes.len().is_multiple_of(size) {
+        return Err(format!(
+            "{} bytes is not a whole number of {size}-byte entries",
+            bytes.len()
+        ));
     }
     bytes.chunks_exact(size).map(exact::<T>).collect()
 }
@@ -428,7 +452,10 @@ mod tests {
     #[test]
     fn rejects_damage() {
         let blob = sample(2).encode();
-        assert!(matches!(VmState::decode(b"nope"), Err(StateError::BadMagic)));
+        assert!(matches!(
+            VmState::decode(b"nope"),
+            Err(StateError::BadMagic)
+        ));
         let mut v = blob.clone();
         v[8] = 9;
         assert!(matches!(VmState::decode(&v), Err(StateError::Version(9))));

@@ -282,7 +282,11 @@ fn run(fd: &mut VcpuFd, index: usize, control: &RunControl, acct: &Accounting) -
                 match port {
                     PORT_HEARTBEAT => acct.heartbeat(index, value),
                     PORT_FAILURE => {
-                        tracing::warn!(vcpu = index, page = value, "guest reported a verification failure");
+                        tracing::warn!(
+                            vcpu = index,
+                            page = value,
+                            "guest reported a verification failure"
+                        );
                         acct.failure(u64::from(value));
                     }
                     PORT_STATUS => acct.status_word(index, value),

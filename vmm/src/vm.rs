@@ -107,7 +107,12 @@ impl Vm {
         };
 
         if !config.incoming {
-            boot::write_boot_image(memory.mapping(), config.memory, &config.program, &config.args)?;
+            boot::write_boot_image(
+                memory.mapping(),
+                config.memory,
+                &config.program,
+                &config.args,
+            )?;
         }
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -118,7 +123,13 @@ impl Vm {
             })?;
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
-            let e = |what| move |source| VmError::Vcpu { index, what, source };
+            let e = |what| {
+                move |source| VmError::Vcpu {
+                    index,
+                    what,
+                    source,
+                }
+            };
             let fd = vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(e("KVM_CREATE_VCPU"))?;
@@ -293,7 +304,10 @@ impl Vm {
     pub fn fence(&self) -> Result<VmState, ErrorReply> {
         let mut ops = self.ops();
         if self.state_locked(&ops) == VmState::Running {
-            return Err(err(ErrorCode::InvalidState, "pause the VM before fencing it"));
+            return Err(err(
+                ErrorCode::InvalidState,
+                "pause the VM before fencing it",
+            ));
         }
         ops.fenced = true;
         Ok(VmState::Fenced)
@@ -312,10 +326,16 @@ impl Vm {
         let ops = self.ops();
         match self.state_locked(&ops) {
             VmState::Running => {
-                return Err(err(ErrorCode::InvalidState, "pause the VM before saving its state"));
+                return Err(err(
+                    ErrorCode::InvalidState,
+                    "pause the VM before saving its state",
+                ));
             }
             VmState::Incoming => {
-                return Err(err(ErrorCode::InvalidState, "an incoming VM has no state to save yet"));
+                return Err(err(
+                    ErrorCode::InvalidState,
+                    "an incoming VM has no state to save yet",
+                ));
             }
             VmState::Paused | VmState::Fenced | VmState::Halted => {}
         }
@@ -507,7 +527,9 @@ fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
             reason: Some(format!(
                 "KVM refused KVM_MEM_LOG_DIRTY_PAGES on the {} RAM memslot: {}",
                 memory.backing(),
-                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string())
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| e.to_string())
             )),
         },
     }

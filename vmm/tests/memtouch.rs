@@ -23,12 +23,22 @@ fn runs_clean(backing: &str, vcpus: u32) {
     let first = wait_status(&mut c, Duration::from_secs(30), |s| {
         s.heartbeats.iter().all(|&h| h > 0)
     });
-    assert!(first.heartbeats.iter().all(|&h| h > 0), "no heartbeats: {first:?}");
+    assert!(
+        first.heartbeats.iter().all(|&h| h > 0),
+        "no heartbeats: {first:?}"
+    );
     let second = wait_status(&mut c, Duration::from_secs(30), |s| {
-        s.heartbeats.iter().zip(&first.heartbeats).all(|(b, a)| b > a)
+        s.heartbeats
+            .iter()
+            .zip(&first.heartbeats)
+            .all(|(b, a)| b > a)
     });
     assert!(
-        second.heartbeats.iter().zip(&first.heartbeats).all(|(b, a)| b > a),
+        second
+            .heartbeats
+            .iter()
+            .zip(&first.heartbeats)
+            .all(|(b, a)| b > a),
         "heartbeats did not rise on every vCPU: {:?} then {:?}",
         first.heartbeats,
         second.heartbeats
@@ -79,7 +89,16 @@ fn run_for_prints_final_json() {
         return;
     }
     let out = std::process::Command::new(BIN)
-        .args(["--memory", "64M", "--vcpus", "2", "--run-for", "1500ms", "--json", "-q"])
+        .args([
+            "--memory",
+            "64M",
+            "--vcpus",
+            "2",
+            "--run-for",
+            "1500ms",
+            "--json",
+            "-q",
+        ])
         .args(["--log", "warn"])
         .output()
         .expect("run faultline-vmm");
@@ -99,8 +118,16 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
         return;
     }
     let mut args = vec![
-        "--memory", "64M", "--vcpus", "1", "--backing", backing,
-        "--working-set", "0.05", "--write-intensity", "0.5",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "1",
+        "--backing",
+        backing,
+        "--working-set",
+        "0.05",
+        "--write-intensity",
+        "0.5",
     ];
     if full_verify {
         args.push("--full-verify");
@@ -110,7 +137,9 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
     let (hello, fds) = c.hello("test").expect("hello");
     let mem = RemoteMemory::open(&hello, fds);
     // Let memtouch write part of its working set, then stop it.
-    wait_status(&mut c, Duration::from_secs(30), |s| s.vcpu_status[0].status_word >= 2);
+    wait_status(&mut c, Duration::from_secs(30), |s| {
+        s.vcpu_status[0].status_word >= 2
+    });
     c.pause().expect("pause");
     let layout = memtouch_layout(64 << 20);
     let ws_pages = layout.usable_pages * 50 / 1000;
@@ -145,11 +174,18 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
     expected.sort();
     let mut got = s.failed_pages.clone();
     got.sort();
-    assert_eq!(got, expected, "reported pages differ from the corrupted ones");
+    assert_eq!(
+        got, expected,
+        "reported pages differ from the corrupted ones"
+    );
     // Each corruption is reported once: memtouch repairs the page after reporting it.
     std::thread::sleep(Duration::from_millis(500));
     let s = c.status().expect("status");
-    assert_eq!(s.failures, targets.len() as u64, "reported more than once: {s:?}");
+    assert_eq!(
+        s.failures,
+        targets.len() as u64,
+        "reported more than once: {s:?}"
+    );
     drop(c);
     let (last, code) = vmm.shutdown();
     assert_eq!(last.failures, targets.len() as u64);
@@ -185,25 +221,27 @@ fn guest_abi_registers_ports_and_halt() {
     }
     let dir = temp_dir("abi");
     let program: Vec<u8> = [
-        &[0x89, 0xF8][..],             // mov eax, edi        (vCPU index)
-        &[0xE7, 0xF2],                 // out 0xF2, eax       (status word)
-        &[0x89, 0xF0],                 // mov eax, esi        (vCPU count)
-        &[0xE7, 0xF0],                 // out 0xF0, eax       (heartbeat 1)
-        &[0x48, 0x89, 0xD0],           // mov rax, rdx        (RAM size)
-        &[0x48, 0xC1, 0xE8, 0x14],     // shr rax, 20
-        &[0xE7, 0xF0],                 // out 0xF0, eax       (heartbeat 2: RAM in MiB)
-        &[0x49, 0x8B, 0x00],           // mov rax, [r8]       (first argument)
-        &[0x4C, 0x01, 0xC8],           // add rax, r9         (+ argument count)
-        &[0x48, 0x01, 0xC8],           // add rax, rcx        (+ first free byte)
-        &[0x48, 0x01, 0xE0],           // add rax, rsp        (+ stack top)
-        &[0xE7, 0xF0],                 // out 0xF0, eax       (heartbeat 3)
-        &[0xF4],                       // hlt
+        &[0x89, 0xF8][..],         // mov eax, edi        (vCPU index)
+        &[0xE7, 0xF2],             // out 0xF2, eax       (status word)
+        &[0x89, 0xF0],             // mov eax, esi        (vCPU count)
+        &[0xE7, 0xF0],             // out 0xF0, eax       (heartbeat 1)
+        &[0x48, 0x89, 0xD0],       // mov rax, rdx        (RAM size)
+        &[0x48, 0xC1, 0xE8, 0x14], // shr rax, 20
+        &[0xE7, 0xF0],             // out 0xF0, eax       (heartbeat 2: RAM in MiB)
+        &[0x49, 0x8B, 0x00],       // mov rax, [r8]       (first argument)
+        &[0x4C, 0x01, 0xC8],       // add rax, r9         (+ argument count)
+        &[0x48, 0x01, 0xC8],       // add rax, rcx        (+ first free byte)
+        &[0x48, 0x01, 0xE0],       // add rax, rsp        (+ stack top)
+        &[0xE7, 0xF0],             // out 0xF0, eax       (heartbeat 3)
+        &[0xF4],                   // hlt
     ]
     .concat();
     let path = dir.join("abi.bin");
     std::fs::write(&path, &program).expect("write program");
     let out = std::process::Command::new(BIN)
-        .args(["--memory", "96M", "--vcpus", "3", "--json", "-q", "--log", "warn"])
+        .args([
+            "--memory", "96M", "--vcpus", "3", "--json", "-q", "--log", "warn",
+        ])
         .arg("--guest")
         .arg(&path)
         .args(["--guest-arg", "1000", "--guest-arg", "5"])

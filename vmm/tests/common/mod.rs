@@ -17,7 +17,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_faultline-vmm");
 
 /// True when KVM can be opened; tests print why they skip otherwise.
 pub fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             eprintln!("skipping: /dev/kvm is not usable here ({e})");

@@ -4,5 +4,6 @@
 
 pub mod fdpass;
 pub mod mmap;
+pub mod uffd;
 
 pub use mmap::{MmapError, MmapRegion};

@@ -9,7 +9,9 @@
 
 pub mod bitmap;
 pub mod layout;
+pub mod sidecar_api;
 pub mod sys;
+pub mod trap;
 pub mod units;
 pub mod vmm_protocol;
 

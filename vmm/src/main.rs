@@ -71,7 +71,7 @@ struct Cli {
     control: Option<PathBuf>,
     /// Create the VM and its memory but run nothing until a state is restored over the
     /// control socket (the target side of a migration).
-    #[arg(long, requires = "control")]
+    #[arg(long, requires = "control", env = "FAULTLINE_INCOMING")]
     incoming: bool,
     /// VM identifier reported over the protocol (default: derived from host and pid).
     #[arg(long)]

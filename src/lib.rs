@@ -8,11 +8,14 @@
 //! a VMM: KVM only accepts them from the process that created the VM.
 
 pub mod bitmap;
+pub mod guest_memory;
 pub mod layout;
 pub mod sidecar_api;
+pub mod strict_json;
 pub mod sys;
 pub mod trap;
 pub mod units;
 pub mod vmm_protocol;
+pub mod wire;
 
 pub use layout::{BackingKind, MemoryLayout, PAGE_SIZE, Region};

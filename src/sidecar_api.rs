@@ -98,7 +98,9 @@ impl Policy {
     /// Checks ranges and combinations; the message says what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.precopy_passes > MAX_PRECOPY_PASSES {
-            return Err(format!("precopyPasses must be at most {MAX_PRECOPY_PASSES}"));
+            return Err(format!(
+                "precopyPasses must be at most {MAX_PRECOPY_PASSES}"
+            ));
         }
         if self.mode == Mode::PreCopy && self.precopy_passes == 0 {
             return Err("pre-copy mode needs at least one pre-copy pass".into());
@@ -109,8 +111,7 @@ impl Policy {
         if self.max_downtime_ms == 0 || self.max_downtime_ms > MAX_DOWNTIME_MS {
             return Err(format!("maxDowntimeMs must be in 1..={MAX_DOWNTIME_MS}"));
         }
-        if self.completion_timeout_s == 0 || self.completion_timeout_s > MAX_COMPLETION_TIMEOUT_S
-        {
+        if self.completion_timeout_s == 0 || self.completion_timeout_s > MAX_COMPLETION_TIMEOUT_S {
             return Err(format!(
                 "completionTimeoutS must be in 1..={MAX_COMPLETION_TIMEOUT_S}"
             ));
@@ -255,7 +256,9 @@ pub fn validate_id(id: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
     {
-        return Err(format!("id contains `{c}`; allowed are A-Z a-z 0-9 . _ / -"));
+        return Err(format!(
+            "id contains `{c}`; allowed are A-Z a-z 0-9 . _ / -"
+        ));
     }
     Ok(())
 }

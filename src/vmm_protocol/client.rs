@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 use super::conn::{ConnError, Connection, Frame};
 use super::frame::FrameKind;
 use super::messages::{
-    DirtyLogReply, ErrorReply, HelloReply, Request, SavedState, StateReply, VmState, VmStatus,
+    DirtyLogReply, ErrorReply, HelloReply, Request, SavedState, StateReply, UffdMode,
+    UffdRegisterReply, VmState, VmStatus,
 };
 use crate::bitmap::PageBitmap;
 
@@ -195,6 +196,33 @@ impl VmmClient {
             });
         }
         Ok(bitmap)
+    }
+
+    /// Has the VMM register its RAM with a new userfaultfd, and returns it.
+    pub fn userfaultfd_register(
+        &mut self,
+        mode: UffdMode,
+    ) -> Result<(UffdRegisterReply, OwnedFd), ClientError> {
+        let (reply, mut frame): (UffdRegisterReply, _) =
+            self.call_json(&Request::UserfaultfdRegister { mode }, &[])?;
+        if frame.fds.len() != 1 {
+            return Err(ClientError::BadReply {
+                op: "userfaultfd_register",
+                what: format!("expected 1 descriptor, got {}", frame.fds.len()),
+            });
+        }
+        Ok((reply, frame.fds.remove(0)))
+    }
+
+    pub fn userfaultfd_disarm(&mut self) -> Result<VmState, ClientError> {
+        self.call_state(Request::UserfaultfdDisarm)
+    }
+
+    /// Drops the pages of `pages` (global numbering) from an incoming VM's memory.
+    pub fn discard(&mut self, pages: &PageBitmap) -> Result<VmState, ClientError> {
+        let (reply, _): (StateReply, _) =
+            self.call_json(&Request::Discard, &pages.to_le_bytes())?;
+        Ok(reply.state)
     }
 
     pub fn status(&mut self) -> Result<VmStatus, ClientError> {

@@ -33,6 +33,15 @@ pub enum Request {
     Status,
     /// Commits the hand-over on the source: from now on `resume` is refused for good.
     Fence,
+    /// Incoming mode: register all RAM with a new userfaultfd; the reply carries it.
+    UserfaultfdRegister {
+        mode: UffdMode,
+    },
+    /// Unregister RAM from the userfaultfd and drop the VMM's reference to it.
+    UserfaultfdDisarm,
+    /// Incoming mode, before the first resume: drop the pages set in the bitmap (binary part,
+    /// global page numbering) so that they read as missing again.
+    Discard,
     /// Ends the VMM process after replying.
     Shutdown,
 }
@@ -50,6 +59,9 @@ impl Request {
         "dirty_log_stop",
         "status",
         "fence",
+        "userfaultfd_register",
+        "userfaultfd_disarm",
+        "discard",
         "shutdown",
     ];
 
@@ -65,6 +77,9 @@ impl Request {
             Self::DirtyLogStop => "dirty_log_stop",
             Self::Status => "status",
             Self::Fence => "fence",
+            Self::UserfaultfdRegister { .. } => "userfaultfd_register",
+            Self::UserfaultfdDisarm => "userfaultfd_disarm",
+            Self::Discard => "discard",
             Self::Shutdown => "shutdown",
         }
     }
@@ -84,25 +99,34 @@ impl Request {
             ));
         }
         let op = op.to_string();
-        let request: Self = serde_json::from_value(value.clone()).map_err(|e| {
+        crate::strict_json::from_value(value).map_err(|e| {
             ErrorReply::new(
                 ErrorCode::BadRequest,
                 format!("malformed `{op}` request: {e}"),
             )
-        })?;
-        // serde ignores extra fields on unit variants of a tagged enum; catch them here by
-        // comparing against the fields the parsed request actually has.
-        if let (Some(given), Ok(serde_json::Value::Object(known))) =
-            (value.as_object(), serde_json::to_value(&request))
-            && let Some(extra) = given.keys().find(|k| !known.contains_key(*k))
-        {
-            return Err(ErrorReply::new(
-                ErrorCode::BadRequest,
-                format!("unknown field `{extra}` in `{op}` request"),
-            ));
-        }
-        Ok(request)
+        })
     }
+}
+
+/// How RAM is registered with userfaultfd.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UffdMode {
+    /// Faults on pages not present; resolved with UFFDIO_COPY / UFFDIO_ZEROPAGE.
+    Missing,
+    /// Faults on page-cache pages not yet mapped (shmem); resolved with UFFDIO_CONTINUE.
+    Minor,
+}
+
+/// Reply to `userfaultfd_register`; the userfaultfd is descriptor 0.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UffdRegisterReply {
+    pub mode: UffdMode,
+    /// The features the kernel granted in UFFDIO_API.
+    pub features: u64,
+    /// The resolving ioctls UFFDIO_REGISTER allows on the RAM (bit n = ioctl number n).
+    pub ioctls: u64,
 }
 
 /// Why a request failed.
@@ -305,6 +329,11 @@ mod tests {
             Request::DirtyLogStop,
             Request::Status,
             Request::Fence,
+            Request::UserfaultfdRegister {
+                mode: UffdMode::Minor,
+            },
+            Request::UserfaultfdDisarm,
+            Request::Discard,
             Request::Shutdown,
         ];
         assert_eq!(all.len(), Request::OPS.len());

@@ -3,6 +3,7 @@
 //! A client that breaks framing gets an error reply and is disconnected; the VM is untouched.
 
 use std::io::ErrorKind;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -124,7 +125,7 @@ fn respond(conn: &mut Connection, vm: &Vm, frame: Frame) -> std::io::Result<bool
         Ok(r) => r,
         Err(e) => return reply_error(conn, id, e).map(|_| false),
     };
-    if !frame.blob.is_empty() && request != Request::RestoreState {
+    if !frame.blob.is_empty() && !matches!(request, Request::RestoreState | Request::Discard) {
         let e = ErrorReply::new(
             ErrorCode::BadRequest,
             format!("`{}` takes no binary part", request.op()),
@@ -145,6 +146,15 @@ fn respond(conn: &mut Connection, vm: &Vm, frame: Frame) -> std::io::Result<bool
         Request::Fence => send(conn, id, state(vm.fence()))?,
         Request::RestoreState => send(conn, id, state(vm.restore_state(&frame.blob)))?,
         Request::DirtyLogStart => send(conn, id, state(vm.dirty_log_start()))?,
+        Request::Discard => send(conn, id, state(vm.discard(&frame.blob)))?,
+        Request::UserfaultfdDisarm => send(conn, id, state(vm.userfaultfd_disarm()))?,
+        Request::UserfaultfdRegister { mode } => match vm.userfaultfd_register(mode) {
+            Ok((reply, fd)) => {
+                let json = serde_json::to_vec(&reply).unwrap_or_default();
+                conn.write_frame(FrameKind::Reply, id, &json, &[], &[fd.as_fd()])?;
+            }
+            Err(e) => reply_error(conn, id, e)?,
+        },
         Request::DirtyLogStop => send(conn, id, state(vm.dirty_log_stop()))?,
         Request::Status => reply(conn, id, &vm.status())?,
         Request::SaveState => match vm.save_state() {

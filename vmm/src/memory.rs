@@ -206,6 +206,25 @@ impl GuestMemory {
         }
     }
 
+    /// Drops `len` bytes of RAM at `offset` so they read as missing (zero, or a userfaultfd
+    /// fault when registered): MADV_DONTNEED for anonymous memory, a punched hole in the file
+    /// otherwise.
+    pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match self.backing {
+            BackingKind::Anon => self
+                .mapping
+                .discard(offset, len as usize)
+                .map_err(std::io::Error::other),
+            BackingKind::Memfd | BackingKind::GuestMemfd => rustix::fs::fallocate(
+                &self.fd,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                offset,
+                len,
+            )
+            .map_err(std::io::Error::from),
+        }
+    }
+
     /// Reads KVM's dirty bitmap for RAM (and resets it).
     pub fn collect_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, kvm_ioctls::Error> {
         vm.get_dirty_log(RAM_SLOT, self.size as usize)

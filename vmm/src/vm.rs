@@ -5,16 +5,18 @@
 //! each is short, apart from `pause`, which waits for the vCPUs to leave KVM_RUN.
 
 use std::os::fd::{AsFd, BorrowedFd};
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use faultline::bitmap::PageBitmap;
 use faultline::layout::BackingKind;
+use faultline::sys::uffd::{self, Userfaultfd};
 use faultline::vmm_protocol::PROTOCOL_VERSION;
 use faultline::vmm_protocol::messages::{
-    Capability, ErrorCode, ErrorReply, HelloReply, SavedState, VcpuState, VcpuStatus, VmState,
-    VmStatus,
+    Capability, ErrorCode, ErrorReply, HelloReply, SavedState, UffdMode, UffdRegisterReply,
+    VcpuState, VcpuStatus, VmState, VmStatus,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -62,6 +64,11 @@ pub enum VmError {
 
 struct Ops {
     restored: bool,
+    /// The vCPUs were allowed to run at least once in this process.
+    ran: bool,
+    /// The userfaultfd RAM is registered with; kept so a dying sidecar cannot release the
+    /// registration (its waiting faults would then be filled with zero pages).
+    uffd: Option<Userfaultfd>,
     fenced: bool,
     dirty_log: bool,
     shutdown: bool,
@@ -83,6 +90,7 @@ pub struct Vm {
     _kvm: Kvm,
     msr_indices: Vec<u32>,
     dirty_log_cap: Capability,
+    uffd_cap: Capability,
     ops: Mutex<Ops>,
 }
 
@@ -97,6 +105,15 @@ impl Vm {
         let memory = GuestMemory::new(&vm_fd, config.backing, config.memory)?;
         memory.set_memslot(&vm_fd, false)?;
         let dirty_log_cap = probe_dirty_log(&vm_fd, &memory);
+        let uffd_cap = if config.incoming {
+            probe_userfaultfd(&memory)
+        } else {
+            Capability {
+                name: "userfaultfd".into(),
+                available: false,
+                reason: Some("only a VMM started with --incoming hands out a userfaultfd".into()),
+            }
+        };
 
         let msr_indices = match kvm.get_msr_index_list() {
             Ok(list) => list.as_slice().to_vec(),
@@ -179,8 +196,11 @@ impl Vm {
             _kvm: kvm,
             msr_indices,
             dirty_log_cap,
+            uffd_cap,
             ops: Mutex::new(Ops {
                 restored: false,
+                ran: false,
+                uffd: None,
                 fenced: false,
                 dirty_log: false,
                 shutdown: false,
@@ -242,6 +262,7 @@ impl Vm {
             layout: self.memory.layout(),
             capabilities: vec![
                 self.dirty_log_cap.clone(),
+                self.uffd_cap.clone(),
                 Capability {
                     name: "save-state".into(),
                     available: true,
@@ -269,6 +290,7 @@ impl Vm {
         self.control.set_ready(&[]);
         self.control.resume();
         ops.run_since = Some(Instant::now());
+        ops.ran = true;
     }
 
     pub fn pause(&self) -> Result<VmState, ErrorReply> {
@@ -296,6 +318,7 @@ impl Vm {
             VmState::Paused => {
                 self.control.resume();
                 ops.run_since = Some(Instant::now());
+                ops.ran = true;
                 Ok(VmState::Running)
             }
         }
@@ -456,6 +479,91 @@ impl Vm {
         Ok(self.state_locked(&ops))
     }
 
+    fn require_fresh_incoming(&self, ops: &Ops, op: &str) -> Result<(), ErrorReply> {
+        if !self.incoming {
+            return Err(err(
+                ErrorCode::InvalidState,
+                format!("{op} is only accepted by a VMM started with --incoming"),
+            ));
+        }
+        if ops.ran {
+            return Err(err(
+                ErrorCode::InvalidState,
+                format!("{op} is only accepted before the VM first runs"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn userfaultfd_register(
+        &self,
+        mode: UffdMode,
+    ) -> Result<(UffdRegisterReply, std::os::fd::OwnedFd), ErrorReply> {
+        let mut ops = self.ops();
+        self.require_fresh_incoming(&ops, "userfaultfd_register")?;
+        if ops.uffd.is_some() {
+            return Err(err(ErrorCode::InvalidState, "RAM is already registered"));
+        }
+        let backing = self.memory.backing();
+        let (features, mode_bits) = uffd_parameters(backing, mode)?;
+        let uffd =
+            Userfaultfd::new(features).map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+        let start = self.memory.mapping().as_ptr() as u64;
+        let ioctls = uffd
+            .register(start, self.memory.size(), mode_bits)
+            .map_err(|e| {
+                err(
+                    ErrorCode::Unavailable,
+                    format!("registering the {backing} RAM mapping failed: {e}"),
+                )
+            })?;
+        let handed = uffd.as_fd().try_clone_to_owned().map_err(|e| {
+            err(
+                ErrorCode::Failed,
+                format!("cannot duplicate the userfaultfd: {e}"),
+            )
+        })?;
+        ops.uffd = Some(uffd);
+        tracing::info!(?mode, "RAM registered with userfaultfd");
+        Ok((
+            UffdRegisterReply {
+                mode,
+                features,
+                ioctls,
+            },
+            handed,
+        ))
+    }
+
+    pub fn userfaultfd_disarm(&self) -> Result<VmState, ErrorReply> {
+        let mut ops = self.ops();
+        if let Some(uffd) = ops.uffd.take() {
+            let start = self.memory.mapping().as_ptr() as u64;
+            if let Err(e) = uffd.unregister(start, self.memory.size()) {
+                ops.uffd = Some(uffd);
+                return Err(err(ErrorCode::Failed, e.to_string()));
+            }
+            tracing::info!("RAM unregistered from userfaultfd");
+        }
+        Ok(self.state_locked(&ops))
+    }
+
+    pub fn discard(&self, blob: &[u8]) -> Result<VmState, ErrorReply> {
+        let ops = self.ops();
+        self.require_fresh_incoming(&ops, "discard")?;
+        let pages = PageBitmap::from_le_bytes(blob, self.memory.pages())
+            .map_err(|e| err(ErrorCode::BadRequest, format!("discard bitmap: {e}")))?;
+        let mut discarded = 0u64;
+        for (first, count) in runs(&pages) {
+            self.memory
+                .discard(first * PAGE, count * PAGE)
+                .map_err(|e| err(ErrorCode::Failed, format!("discarding pages failed: {e}")))?;
+            discarded += count;
+        }
+        tracing::debug!(discarded, "pages discarded");
+        Ok(self.state_locked(&ops))
+    }
+
     pub fn status(&self) -> VmStatus {
         let ops = self.ops();
         let states = self.control.states();
@@ -503,6 +611,69 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+const PAGE: u64 = faultline::layout::PAGE_SIZE;
+
+/// Runs of consecutive set pages, as (first page, count).
+fn runs(pages: &PageBitmap) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for p in pages.iter_set() {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == p => *count += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
+/// The userfaultfd features and register mode for a backing and mode.
+fn uffd_parameters(backing: BackingKind, mode: UffdMode) -> Result<(u64, u64), ErrorReply> {
+    match (backing, mode) {
+        (BackingKind::Anon, UffdMode::Missing) => Ok((0, uffd::MODE_MISSING)),
+        (BackingKind::Memfd | BackingKind::GuestMemfd, UffdMode::Missing) => {
+            Ok((uffd::FEATURE_MISSING_SHMEM, uffd::MODE_MISSING))
+        }
+        (BackingKind::Memfd | BackingKind::GuestMemfd, UffdMode::Minor) => {
+            Ok((uffd::FEATURE_MINOR_SHMEM, uffd::MODE_MINOR))
+        }
+        (BackingKind::Anon, UffdMode::Minor) => Err(err(
+            ErrorCode::Unavailable,
+            "minor faults need shared memory; anonymous RAM supports missing mode only",
+        )),
+    }
+}
+
+/// Whether this kernel lets RAM of this backing be registered with userfaultfd, found by
+/// registering and unregistering it (missing mode; minor too for shared memory).
+fn probe_userfaultfd(memory: &GuestMemory) -> Capability {
+    let name = "userfaultfd".to_string();
+    let backing = memory.backing();
+    let modes: &[UffdMode] = match backing {
+        BackingKind::Anon => &[UffdMode::Missing],
+        _ => &[UffdMode::Missing, UffdMode::Minor],
+    };
+    let start = memory.mapping().as_ptr() as u64;
+    let mut failures = Vec::new();
+    for &mode in modes {
+        let attempt = uffd_parameters(backing, mode)
+            .map_err(|e| e.message)
+            .and_then(|(features, bits)| {
+                let u = Userfaultfd::new(features).map_err(|e| e.to_string())?;
+                u.register(start, memory.size(), bits)
+                    .map_err(|e| e.to_string())?;
+                u.unregister(start, memory.size())
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = attempt {
+            failures.push(format!("{mode:?}: {e}"));
+        }
+    }
+    Capability {
+        name,
+        available: failures.len() < modes.len(),
+        reason: (!failures.is_empty()).then(|| failures.join("; ")),
     }
 }
 

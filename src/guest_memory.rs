@@ -1,0 +1,383 @@
+//! Another process's guest memory, reached through the descriptors that came with the VMM
+//! protocol's hello: memfd and guest_memfd regions are mapped shared; anonymous regions are
+//! read and written through the VMM's `/proc/self/mem` descriptor at the region's address.
+//!
+//! Pages are addressed in the layout's global numbering. This type moves bytes; it does not
+//! know about migrations or traps.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::bitmap::PageBitmap;
+use crate::layout::{BackingKind, LayoutError, MemoryLayout, PAGE_SIZE, Region};
+use crate::sys::{MmapError, MmapRegion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestMemoryError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("cannot map region {index} ({backing}): {source}")]
+    Map {
+        index: usize,
+        backing: BackingKind,
+        #[source]
+        source: MmapError,
+    },
+    #[error("page {page} is outside the {total}-page layout")]
+    OutOfRange { page: u64, total: u64 },
+    #[error("{op} of {len} bytes at page {page} through /proc/<vmm>/mem failed: {source}")]
+    ProcMem {
+        op: &'static str,
+        page: u64,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} on region {index}'s file failed: {source}")]
+    File {
+        op: &'static str,
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+enum Access {
+    Mapped(MmapRegion),
+    /// `/proc/<pid>/mem` of the VMM; offsets are the VMM's virtual addresses.
+    ProcMem,
+}
+
+struct RegionView {
+    region: Region,
+    first_page: u64,
+    fd: Arc<OwnedFd>,
+    access: Access,
+}
+
+pub struct GuestMemory {
+    layout: MemoryLayout,
+    regions: Vec<RegionView>,
+    total_pages: u64,
+}
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// True when every byte of `page` is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    let (prefix, words, suffix) = {
+        // SAFETY: any bit pattern is a valid u128; `align_to` only reinterprets the aligned
+        // middle of the slice and returns the unaligned ends separately.
+        unsafe { page.align_to::<u128>() }
+    };
+    prefix.iter().all(|&b| b == 0)
+        && words.iter().fold(0u128, |acc, &w| acc | w) == 0
+        && suffix.iter().all(|&b| b == 0)
+}
+
+impl GuestMemory {
+    /// Opens the layout with the descriptors that came with it.
+    pub fn open(layout: &MemoryLayout, fds: Vec<OwnedFd>) -> Result<Self, GuestMemoryError> {
+        layout.validate(fds.len())?;
+        let fds: Vec<Arc<OwnedFd>> = fds.into_iter().map(Arc::new).collect();
+        let mut regions = Vec::with_capacity(layout.regions.len());
+        let mut first_page = 0;
+        for (index, r) in layout.regions.iter().enumerate() {
+            let fd = fds[r.fd as usize].clone();
+            let access = match r.backing {
+                BackingKind::Anon => Access::ProcMem,
+                BackingKind::Memfd | BackingKind::GuestMemfd => Access::Mapped(
+                    MmapRegion::shared(fd.as_fd(), r.file_offset, r.size as usize).map_err(
+                        |source| GuestMemoryError::Map {
+                            index,
+                            backing: r.backing,
+                            source,
+                        },
+                    )?,
+                ),
+            };
+            regions.push(RegionView {
+                region: r.clone(),
+                first_page,
+                fd,
+                access,
+            });
+            first_page += r.pages();
+        }
+        Ok(Self {
+            layout: layout.clone(),
+            regions,
+            total_pages: first_page,
+        })
+    }
+
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    fn locate(&self, page: u64, count: u64) -> Result<(&RegionView, u64), GuestMemoryError> {
+        let out = || GuestMemoryError::OutOfRange {
+            page,
+            total: self.total_pages,
+        };
+        let v = self
+            .regions
+            .iter()
+            .find(|v| page >= v.first_page && page < v.first_page + v.region.pages())
+            .ok_or_else(out)?;
+        let offset = page - v.first_page;
+        if offset + count > v.region.pages() {
+            return Err(out());
+        }
+        Ok((v, offset * PAGE_SIZE))
+    }
+
+    /// How many pages from `page` on lie in the same region (so can be read in one go).
+    pub fn contiguous_from(&self, page: u64) -> u64 {
+        self.regions
+            .iter()
+            .find(|v| page >= v.first_page && page < v.first_page + v.region.pages())
+            .map(|v| v.first_page + v.region.pages() - page)
+            .unwrap_or(0)
+    }
+
+    /// Copies `buf.len() / 4096` pages starting at `page` (all in one region) into `buf`.
+    pub fn read(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        let count = (buf.len() / PAGE) as u64;
+        let (v, offset) = self.locate(page, count)?;
+        match &v.access {
+            Access::Mapped(m) => m.read(offset, buf).map_err(|e| GuestMemoryError::Map {
+                index: 0,
+                backing: v.region.backing,
+                source: e,
+            }),
+            Access::ProcMem => {
+                let mut done = 0;
+                while done < buf.len() {
+                    let n = rustix::io::pread(
+                        &*v.fd,
+                        &mut buf[done..],
+                        v.region.file_offset + offset + done as u64,
+                    )
+                    .map_err(|e| GuestMemoryError::ProcMem {
+                        op: "read",
+                        page,
+                        len: buf.len(),
+                        source: e.into(),
+                    })?;
+                    if n == 0 {
+                        return Err(GuestMemoryError::ProcMem {
+                            op: "read",
+                            page,
+                            len: buf.len(),
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        });
+                    }
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies `data` (whole pages, one region) into guest memory at `page`. On anonymous
+    /// memory this goes through the VMM's `/proc/self/mem`, which faults the page in if it is
+    /// absent: do not use it on pages registered with userfaultfd that are still missing.
+    pub fn write(&self, page: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
+        let count = (data.len() / PAGE) as u64;
+        let (v, offset) = self.locate(page, count)?;
+        match &v.access {
+            Access::Mapped(m) => m.write(offset, data).map_err(|e| GuestMemoryError::Map {
+                index: 0,
+                backing: v.region.backing,
+                source: e,
+            }),
+            Access::ProcMem => {
+                let mut done = 0;
+                while done < data.len() {
+                    let n = rustix::io::pwrite(
+                        &*v.fd,
+                        &data[done..],
+                        v.region.file_offset + offset + done as u64,
+                    )
+                    .map_err(|e| GuestMemoryError::ProcMem {
+                        op: "write",
+                        page,
+                        len: data.len(),
+                        source: e.into(),
+                    })?;
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The VMM's address of `page` (where userfaultfd reports and resolves it).
+    pub fn host_addr(&self, page: u64) -> Result<u64, GuestMemoryError> {
+        let (v, offset) = self.locate(page, 1)?;
+        Ok(v.region.host_addr + offset)
+    }
+
+    /// The page at a VMM address, if it is guest RAM.
+    pub fn page_of_host_addr(&self, addr: u64) -> Option<u64> {
+        self.regions.iter().find_map(|v| {
+            let start = v.region.host_addr;
+            (addr >= start && addr < start + v.region.size)
+                .then(|| v.first_page + (addr - start) / PAGE_SIZE)
+        })
+    }
+
+    /// The backing of the region holding `page`.
+    pub fn backing_of(&self, page: u64) -> Option<BackingKind> {
+        self.locate(page, 1).ok().map(|(v, _)| v.region.backing)
+    }
+
+    /// Pages that certainly hold only zeros because their file has a hole there (memfd and
+    /// guest_memfd regions, found with SEEK_DATA/SEEK_HOLE without touching memory). Pages
+    /// of anonymous regions, and files that cannot tell, are never reported.
+    pub fn holes(&self) -> PageBitmap {
+        let mut holes = PageBitmap::new(self.total_pages);
+        for v in &self.regions {
+            if v.region.backing == BackingKind::Anon {
+                continue;
+            }
+            let start = v.region.file_offset;
+            let end = start + v.region.size;
+            let mut pos = start;
+            while pos < end {
+                let data = match rustix::fs::seek(&*v.fd, rustix::fs::SeekFrom::Data(pos)) {
+                    Ok(d) => d.min(end),
+                    Err(rustix::io::Errno::NXIO) => end,
+                    Err(_) => break, // the file cannot tell: report nothing more for it
+                };
+                for p in (pos - start) / PAGE_SIZE..(data - start) / PAGE_SIZE {
+                    holes.set(v.first_page + p);
+                }
+                if data >= end {
+                    break;
+                }
+                match rustix::fs::seek(&*v.fd, rustix::fs::SeekFrom::Hole(data)) {
+                    Ok(h) => pos = h.min(end).next_multiple_of(PAGE_SIZE),
+                    Err(_) => break,
+                }
+            }
+        }
+        holes
+    }
+
+    /// Allocates every page of the file-backed regions (so shmem has no holes, as minor-fault
+    /// trapping requires).
+    pub fn allocate_all(&self) -> Result<(), GuestMemoryError> {
+        for (index, v) in self.regions.iter().enumerate() {
+            if v.region.backing == BackingKind::Anon {
+                continue;
+            }
+            rustix::fs::fallocate(
+                &*v.fd,
+                rustix::fs::FallocateFlags::empty(),
+                v.region.file_offset,
+                v.region.size,
+            )
+            .map_err(|e| GuestMemoryError::File {
+                op: "fallocate",
+                index,
+                source: e.into(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd_layout(pages: u64) -> (MemoryLayout, OwnedFd) {
+        let fd = rustix::fs::memfd_create("gm", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, pages * PAGE_SIZE).unwrap();
+        let layout = MemoryLayout {
+            regions: vec![Region {
+                guest_phys_addr: 0,
+                size: pages * PAGE_SIZE,
+                backing: BackingKind::Memfd,
+                fd: 0,
+                file_offset: 0,
+                page_size: PAGE_SIZE,
+                host_addr: 0x7000_0000,
+            }],
+        };
+        (layout, fd)
+    }
+
+    #[test]
+    fn read_write_and_holes() {
+        let (layout, fd) = memfd_layout(64);
+        let probe = fd.try_clone().unwrap();
+        let gm = GuestMemory::open(&layout, vec![fd]).unwrap();
+        assert_eq!(gm.holes().count(), 64, "a fresh memfd is all holes");
+        gm.write(5, &[7u8; 4096]).unwrap();
+        gm.write(40, &[9u8; 8192]).unwrap();
+        let mut page = [0u8; 4096];
+        gm.read(41, &mut page).unwrap();
+        assert_eq!(page[100], 9);
+        let holes = gm.holes();
+        assert!(!holes.test(5) && !holes.test(40) && !holes.test(41));
+        assert!(holes.test(4) && holes.test(6) && holes.test(63));
+        assert!(gm.read(64, &mut page).is_err());
+        assert!(gm.write(63, &[0u8; 8192]).is_err());
+        assert_eq!(gm.page_of_host_addr(0x7000_0000 + 4096 * 3 + 5), Some(3));
+        assert_eq!(gm.page_of_host_addr(0x7000_0000 + 4096 * 64), None);
+        gm.allocate_all().unwrap();
+        let blocks = rustix::fs::fstat(&probe).unwrap().st_blocks as u64;
+        assert!(blocks * 512 >= 64 * 4096, "every page allocated");
+        // Allocated but never written pages still read as zeros, and shmem still says so.
+        assert_eq!(gm.holes().count(), 61);
+    }
+
+    #[test]
+    fn proc_mem_access() {
+        let mem = MmapRegion::anonymous(16 * 4096).unwrap();
+        let fd: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .unwrap()
+            .into();
+        let addr = mem.as_ptr() as u64;
+        let layout = MemoryLayout {
+            regions: vec![Region {
+                guest_phys_addr: 0,
+                size: 16 * 4096,
+                backing: BackingKind::Anon,
+                fd: 0,
+                file_offset: addr,
+                page_size: PAGE_SIZE,
+                host_addr: addr,
+            }],
+        };
+        let gm = GuestMemory::open(&layout, vec![fd]).unwrap();
+        gm.write(2, &[5u8; 4096]).unwrap();
+        assert_eq!(mem.read_u64(2 * 4096 + 8).unwrap(), 0x0505_0505_0505_0505);
+        let mut page = [1u8; 4096];
+        gm.read(3, &mut page).unwrap();
+        assert!(is_zero(&page));
+        assert_eq!(gm.holes().count(), 0, "anonymous memory reports no holes");
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[0] = 1;
+        assert!(!is_zero(&p));
+        assert!(is_zero(&p[1..]));
+    }
+}

@@ -146,6 +146,19 @@ impl PageBitmap {
         }
     }
 
+    /// Runs of consecutive set pages, as `(first page, count)`, in ascending order.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut set = self.iter_set().peekable();
+        std::iter::from_fn(move || {
+            let first = set.next()?;
+            let mut count = 1;
+            while set.next_if(|&p| p == first + count).is_some() {
+                count += 1;
+            }
+            Some((first, count))
+        })
+    }
+
     /// Iterates over the set pages in ascending order.
     pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(i, &w)| {
@@ -159,6 +172,79 @@ impl PageBitmap {
                 Some(i as u64 * 64 + b)
             })
         })
+    }
+}
+
+/// A page set that several threads update at once (e.g. the pages a migration target still
+/// needs, cleared by whichever of the fault server and the background push sends them first).
+pub struct AtomicPageBitmap {
+    words: Vec<std::sync::atomic::AtomicU64>,
+    pages: u64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl AtomicPageBitmap {
+    pub fn from_bitmap(b: &PageBitmap) -> Self {
+        use std::sync::atomic::AtomicU64;
+        Self {
+            words: b.words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            pages: b.pages,
+            count: AtomicU64::new(b.count()),
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Pages still set.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn test(&self, page: u64) -> bool {
+        page < self.pages
+            && self.words[(page / 64) as usize].load(std::sync::atomic::Ordering::Acquire)
+                & (1 << (page % 64))
+                != 0
+    }
+
+    /// Clears `page`; true if this call cleared it (it was set).
+    pub fn take(&self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        let bit = 1u64 << (page % 64);
+        let prev =
+            self.words[(page / 64) as usize].fetch_and(!bit, std::sync::atomic::Ordering::AcqRel);
+        let taken = prev & bit != 0;
+        if taken {
+            self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        taken
+    }
+
+    /// The first set page at or after `from`, wrapping around once; None when empty.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if self.pages == 0 {
+            return None;
+        }
+        let from = from % self.pages;
+        let scan = |start: u64, end: u64| -> Option<u64> {
+            let mut w = (start / 64) as usize;
+            let mut mask = !0u64 << (start % 64);
+            while (w as u64) * 64 < end {
+                let bits = self.words[w].load(std::sync::atomic::Ordering::Acquire) & mask;
+                if bits != 0 {
+                    let p = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    return (p < end).then_some(p);
+                }
+                w += 1;
+                mask = !0;
+            }
+            None
+        };
+        scan(from, self.pages).or_else(|| scan(0, from))
     }
 }
 
@@ -183,6 +269,19 @@ mod tests {
     }
 
     #[test]
+    fn runs() {
+        let mut b = PageBitmap::new(200);
+        for p in [1, 2, 3, 63, 64, 65, 100, 199] {
+            b.set(p);
+        }
+        assert_eq!(
+            b.runs().collect::<Vec<_>>(),
+            vec![(1, 3), (63, 3), (100, 1), (199, 1)]
+        );
+        assert_eq!(PageBitmap::new(10).runs().count(), 0);
+    }
+
+    #[test]
     fn tail_bits_are_dropped() {
         let b = PageBitmap::from_words(vec![u64::MAX, u64::MAX], 70).unwrap();
         assert_eq!(b.count(), 70);
@@ -199,6 +298,25 @@ mod tests {
         assert_eq!(big.iter_set().collect::<Vec<_>>(), vec![65, 74]);
         big.splice(128, &small);
         assert_eq!(big.count(), 4);
+    }
+
+    #[test]
+    fn atomic_take_and_scan() {
+        let mut b = PageBitmap::new(130);
+        for p in [3, 64, 129] {
+            b.set(p);
+        }
+        let a = AtomicPageBitmap::from_bitmap(&b);
+        assert_eq!(a.count(), 3);
+        assert_eq!(a.next_set(0), Some(3));
+        assert_eq!(a.next_set(4), Some(64));
+        assert_eq!(a.next_set(65), Some(129));
+        assert!(a.take(129));
+        assert!(!a.take(129), "taken twice");
+        assert_eq!(a.next_set(65), Some(3), "wraps around");
+        assert!(a.take(3) && a.take(64));
+        assert_eq!(a.next_set(0), None);
+        assert_eq!(a.count(), 0);
     }
 
     proptest! {

@@ -8,8 +8,15 @@
 //! a VMM: KVM only accepts them from the process that created the VM.
 
 pub mod bitmap;
+pub mod convergence;
 pub mod guest_memory;
+pub mod kvm_userfault;
 pub mod layout;
+#[cfg(feature = "cli")]
+pub mod local;
+pub mod postcopy;
+#[cfg(feature = "kvm")]
+pub mod probe;
 pub mod sidecar_api;
 pub mod strict_json;
 pub mod sys;

@@ -36,6 +36,9 @@ pub enum Control {
     Commit,
     /// Target → source: the VM runs on the target.
     Resumed,
+    /// Source → target: every page the target still needed has been sent (on one channel or
+    /// the other).
+    PushDone { pages: u64 },
     /// Target → source: every page is valid and the trap is disarmed.
     Complete { faults: u64 },
     /// Either side, before the commit point: stop; the source keeps running.
@@ -81,13 +84,26 @@ impl<'a> PagesBatch<'a> {
         entries: &[PageEntry],
         data: &[u8],
     ) -> Result<(), WireError> {
+        Self::write_parts(w, entries, &[data])
+    }
+
+    /// As [`PagesBatch::write`], with the data of the non-zero pages in separate slices (sent
+    /// with one vectored write, without copying them together first).
+    pub fn write_parts(
+        w: &mut impl std::io::Write,
+        entries: &[PageEntry],
+        data: &[&[u8]],
+    ) -> Result<(), WireError> {
         let mut head = Vec::with_capacity(8 + entries.len() * 8);
         head.extend_from_slice(&(entries.len() as u32).to_le_bytes());
         head.extend_from_slice(&0u32.to_le_bytes());
         for e in entries {
             head.extend_from_slice(&(e.page | if e.zero { ZERO_FLAG } else { 0 }).to_le_bytes());
         }
-        write_frame(w, FrameType::Pages, 0, &[&head, data])
+        let mut parts = Vec::with_capacity(data.len() + 1);
+        parts.push(&head[..]);
+        parts.extend_from_slice(data);
+        write_frame(w, FrameType::Pages, 0, &parts)
     }
 
     /// Decodes a batch, checking every page index is below `total_pages` and the data length
@@ -165,7 +181,7 @@ impl FaultRequest {
     }
 
     pub fn parse(payload: &[u8], total_pages: u64) -> Result<Vec<u64>, WireError> {
-        if payload.is_empty() || payload.len() % 8 != 0 || payload.len() > MAX_BATCH * 8 {
+        if payload.is_empty() || !payload.len().is_multiple_of(8) || payload.len() > MAX_BATCH * 8 {
             return Err(WireError::malformed(
                 "fault request",
                 format!("{} bytes", payload.len()),

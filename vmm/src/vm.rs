@@ -554,7 +554,7 @@ impl Vm {
         let pages = PageBitmap::from_le_bytes(blob, self.memory.pages())
             .map_err(|e| err(ErrorCode::BadRequest, format!("discard bitmap: {e}")))?;
         let mut discarded = 0u64;
-        for (first, count) in runs(&pages) {
+        for (first, count) in pages.runs() {
             self.memory
                 .discard(first * PAGE, count * PAGE)
                 .map_err(|e| err(ErrorCode::Failed, format!("discarding pages failed: {e}")))?;
@@ -615,18 +615,6 @@ impl Drop for Vm {
 }
 
 const PAGE: u64 = faultline::layout::PAGE_SIZE;
-
-/// Runs of consecutive set pages, as (first page, count).
-fn runs(pages: &PageBitmap) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for p in pages.iter_set() {
-        match out.last_mut() {
-            Some((first, count)) if *first + *count == p => *count += 1,
-            _ => out.push((p, 1)),
-        }
-    }
-    out
-}
 
 /// The userfaultfd features and register mode for a backing and mode.
 fn uffd_parameters(backing: BackingKind, mode: UffdMode) -> Result<(u64, u64), ErrorReply> {

@@ -1,0 +1,107 @@
+//! faultline-sidecar: runs beside a VMM in the VM's pod. It joins the VMM over the VMM protocol
+//! (docs/vmm-protocol.md), serves the HTTP control API (docs/sidecar-api.md) and Prometheus
+//! metrics, and moves the VM's memory to or from a peer sidecar over the wire protocol
+//! (docs/wire-protocol.md).
+
+mod api;
+mod engine;
+mod listener;
+mod metrics;
+mod pages;
+mod source;
+mod state;
+mod target;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::state::Sidecar;
+
+#[derive(Parser, Debug)]
+#[command(name = "faultline-sidecar", version, about, long_about = None)]
+struct Cli {
+    /// The VMM's control socket.
+    #[arg(
+        long,
+        env = "FAULTLINE_VMM_SOCKET",
+        default_value = "/run/faultline/vmm.sock"
+    )]
+    vmm_socket: PathBuf,
+    /// Address of the HTTP control API and /metrics.
+    #[arg(long, env = "FAULTLINE_LISTEN", default_value = "0.0.0.0:9180")]
+    listen: SocketAddr,
+    /// Address where a target sidecar accepts the source's migration connections.
+    #[arg(
+        long,
+        env = "FAULTLINE_MIGRATION_LISTEN",
+        default_value = "0.0.0.0:9181"
+    )]
+    migration_listen: SocketAddr,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines (for log collectors) instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::new(&cli.log);
+    if cli.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+
+    let migration_listener = std::net::TcpListener::bind(cli.migration_listen)
+        .with_context(|| format!("cannot listen for migrations on {}", cli.migration_listen))?;
+    let migration_port = migration_listener
+        .local_addr()
+        .context("migration listener address")?
+        .port();
+    let sidecar = Arc::new(Sidecar::new(cli.vmm_socket.clone(), migration_port));
+    state::spawn_vmm_watch(sidecar.clone())?;
+    listener::spawn(migration_listener, sidecar.clone())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let http = tokio::net::TcpListener::bind(cli.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cli.listen))?;
+        let api_addr = http.local_addr().context("API address")?;
+        tracing::info!(
+            api = %api_addr,
+            migration_port,
+            vmm_socket = %cli.vmm_socket.display(),
+            "sidecar started"
+        );
+        // One JSON line on stdout with the bound addresses, for supervisors and tests that
+        // asked for port 0.
+        println!(
+            "{}",
+            serde_json::json!({"api": api_addr.to_string(), "migrationPort": migration_port})
+        );
+        axum::serve(http, api::router(sidecar))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("HTTP server failed")
+    })
+}

@@ -1,0 +1,121 @@
+//! Prometheus metrics of the sidecar (names and meanings in docs/sidecar-api.md). Counters are
+//! incremented by the engines as work happens, so they stay monotonic across migrations.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub role: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub role: String,
+    pub phase: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub vmm_connected: Gauge,
+    pub migrations: Family<ResultLabels, Counter>,
+    pub phase: Family<PhaseLabels, Gauge>,
+    pub pages: Family<RoleLabel, Counter>,
+    pub bytes: Family<RoleLabel, Counter>,
+    pub zero_pages: Family<RoleLabel, Counter>,
+    pub remaining_pages: Gauge,
+    pub faults: Counter,
+    pub fault_latency: Histogram,
+    pub downtime: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("faultline_sidecar");
+        let vmm_connected = Gauge::default();
+        let migrations = Family::<ResultLabels, Counter>::default();
+        let phase = Family::<PhaseLabels, Gauge>::default();
+        let pages = Family::<RoleLabel, Counter>::default();
+        let bytes = Family::<RoleLabel, Counter>::default();
+        let zero_pages = Family::<RoleLabel, Counter>::default();
+        let remaining_pages = Gauge::default();
+        let faults = Counter::default();
+        // 10 µs .. ~10 s.
+        let fault_latency = Histogram::new(exponential_buckets(10e-6, 2.0, 21));
+        let downtime = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "vmm_connected",
+            "1 while joined to the VMM",
+            vmm_connected.clone(),
+        );
+        registry.register(
+            "migrations",
+            "Finished migrations by result",
+            migrations.clone(),
+        );
+        registry.register(
+            "migration_phase",
+            "1 for the current migration's phase",
+            phase.clone(),
+        );
+        registry.register(
+            "pages_transferred",
+            "Pages sent or received, zero markers included",
+            pages.clone(),
+        );
+        registry.register("bytes_transferred", "Page bytes on the wire", bytes.clone());
+        registry.register(
+            "zero_pages",
+            "Zero-page markers sent or received",
+            zero_pages.clone(),
+        );
+        registry.register(
+            "remaining_pages",
+            "Pages the target does not hold yet",
+            remaining_pages.clone(),
+        );
+        registry.register("faults", "Post-copy faults served", faults.clone());
+        registry.register(
+            "fault_latency_seconds",
+            "Post-copy fault latency: fault read to page installed",
+            fault_latency.clone(),
+        );
+        registry.register(
+            "downtime_seconds",
+            "Downtime of the last switch-over",
+            downtime.clone(),
+        );
+        Self {
+            registry,
+            vmm_connected,
+            migrations,
+            phase,
+            pages,
+            bytes,
+            zero_pages,
+            remaining_pages,
+            faults,
+            fault_latency,
+            downtime,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,561 @@
+//! The target side of a migration: accept the source, arm the trap, install pre-copied pages,
+//! restore the state, resume only after the source committed, then resolve faults and take in
+//! the background push until every page is valid.
+//!
+//! Before the source commits, the target VM must not run: any failure here leaves it never
+//! resumed (the operator discards the pod) and the source keeps the VM.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use faultline::guest_memory::GuestMemory;
+use faultline::postcopy::{FaultOutcome, Installed, Installer};
+use faultline::sidecar_api::{Mode, Phase, TrapChoice};
+use faultline::sys::uffd::{Event, Userfaultfd};
+use faultline::trap::TrapBackend;
+use faultline::vmm_protocol::VmmClient;
+use faultline::vmm_protocol::messages::{HelloReply, UffdMode};
+use faultline::wire::frame::{FrameReader, FrameType};
+use faultline::wire::handshake::Channel;
+use faultline::wire::{Control, FaultRequest, PagesBatch, SwitchOver, WireError, layout_digest};
+use rustix::event::{PollFd, PollFlags};
+
+use crate::engine::Stop;
+use crate::metrics::RoleLabel;
+use crate::state::{Accepted, Migration, Sidecar};
+
+pub fn run(
+    sidecar: &Arc<Sidecar>,
+    m: &Arc<Migration>,
+    inbox: Receiver<Accepted>,
+) -> Result<(), Stop> {
+    let mut vmm = VmmClient::connect(&sidecar.vmm_socket).context("cannot reach the VMM")?;
+    let (hello, fds) = vmm.hello("faultline-sidecar").context("VMM hello failed")?;
+    if !hello.incoming {
+        return Err(Stop::failed("the VMM is not in incoming mode"));
+    }
+    let mem = GuestMemory::open(&hello.layout, fds).context("cannot open guest memory")?;
+    let total = mem.total_pages();
+    m.counters.total_pages.store(total, Ordering::Relaxed);
+    m.counters.remaining_pages.store(total, Ordering::Relaxed);
+    let _ = m.digest.set(layout_digest(&hello.layout));
+    m.set_phase(Phase::Waiting, "waiting for the source to connect");
+
+    let deadline = m.started + Duration::from_secs(m.policy.completion_timeout_s);
+    let mut conns = Conns {
+        inbox,
+        main: None,
+        urgent: None,
+    };
+    let main = conns.take(Channel::Main, m, deadline)?;
+    m.set_phase(Phase::Connecting, "source connected and authenticated");
+    let mut t = Target {
+        sidecar,
+        m,
+        vmm,
+        hello,
+        total,
+        role: RoleLabel {
+            role: "target".into(),
+        },
+    };
+    let result = t.migrate(main, &mut conns, mem, deadline);
+    if let Err(e) = &result
+        && !m.committed()
+    {
+        tracing::warn!("target aborted before the commit point; the VM stays on the source: {e}");
+    }
+    result
+}
+
+/// Connections the listener hands over, in whatever order they arrive.
+struct Conns {
+    inbox: Receiver<Accepted>,
+    main: Option<TcpStream>,
+    urgent: Option<TcpStream>,
+}
+
+impl Conns {
+    fn take(
+        &mut self,
+        channel: Channel,
+        m: &Migration,
+        deadline: Instant,
+    ) -> Result<TcpStream, Stop> {
+        loop {
+            let slot = match channel {
+                Channel::Main => &mut self.main,
+                Channel::Urgent => &mut self.urgent,
+            };
+            if let Some(s) = slot.take() {
+                return Ok(s);
+            }
+            if m.cancelled() {
+                return Err(Stop::Cancelled(
+                    "cancelled while waiting for the source".into(),
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Stop::failed(
+                    "the source never connected before the completion timeout",
+                ));
+            }
+            match self
+                .inbox
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(a) => match a.channel {
+                    Channel::Main => self.main = Some(a.stream),
+                    Channel::Urgent => self.urgent = Some(a.stream),
+                },
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Stop::failed("the migration listener stopped"));
+                }
+            }
+        }
+    }
+}
+
+struct Target<'a> {
+    sidecar: &'a Sidecar,
+    m: &'a Migration,
+    vmm: VmmClient,
+    hello: HelloReply,
+    total: u64,
+    role: RoleLabel,
+}
+
+/// Pages a vCPU waits for, with when the wait was noticed (for fault latency).
+type Waiting = Mutex<HashMap<u64, Instant>>;
+
+fn read_control(r: &mut FrameReader<TcpStream>, what: &str) -> Result<Control, Stop> {
+    let frame = r
+        .read()
+        .with_context(|| format!("the source went away (waiting for {what})"))?;
+    if frame.kind != FrameType::Control {
+        return Err(Stop::failed(format!(
+            "expected {what}, got a {:?} frame",
+            frame.kind
+        )));
+    }
+    match Control::parse(frame.payload)? {
+        Control::Cancel { reason } => {
+            Err(Stop::Cancelled(format!("the source cancelled: {reason}")))
+        }
+        c => Ok(c),
+    }
+}
+
+impl Target<'_> {
+    fn account(&self, pages: u64, zero: u64, bytes: u64) {
+        let c = &self.m.counters;
+        c.transferred_pages.fetch_add(pages, Ordering::Relaxed);
+        c.transferred_bytes.fetch_add(bytes, Ordering::Relaxed);
+        c.zero_pages.fetch_add(zero, Ordering::Relaxed);
+        let mt = &self.sidecar.metrics;
+        mt.pages.get_or_create(&self.role).inc_by(pages);
+        mt.bytes.get_or_create(&self.role).inc_by(bytes);
+        mt.zero_pages.get_or_create(&self.role).inc_by(zero);
+    }
+
+    /// Picks and arms the trap the source's plan needs, or says why there is none.
+    fn arm_trap(&mut self, postcopy: bool) -> Result<Option<Userfaultfd>, String> {
+        if !postcopy {
+            return Ok(None);
+        }
+        let uffd_cap = self.hello.capability("userfaultfd").cloned();
+        let uffd_ok = uffd_cap.as_ref().is_some_and(|c| c.available);
+        let backing = self.hello.layout.regions[0].backing;
+        match self.m.policy.trap {
+            TrapChoice::KvmUserfault => {
+                return Err(format!(
+                    "trap kvm-userfault was requested, but this VMM does not implement it (the reference VMM's kvm-userfault backend is not built yet); {backing} memory here offers: userfaultfd {}",
+                    describe(uffd_cap.as_ref())
+                ));
+            }
+            TrapChoice::Auto | TrapChoice::Userfaultfd if !uffd_ok => {
+                return Err(format!(
+                    "no trap mechanism for {backing} memory on this node: userfaultfd {}; kvm-userfault is not implemented by this VMM",
+                    describe(uffd_cap.as_ref())
+                ));
+            }
+            _ => {}
+        }
+        let (_, fd) = self
+            .vmm
+            .userfaultfd_register(UffdMode::Missing)
+            .map_err(|e| format!("the VMM could not register RAM with userfaultfd: {e}"))?;
+        Ok(Some(Userfaultfd::from(fd)))
+    }
+
+    fn migrate(
+        &mut self,
+        main: TcpStream,
+        conns: &mut Conns,
+        mem: GuestMemory,
+        deadline: Instant,
+    ) -> Result<(), Stop> {
+        let m = self.m;
+        let mut writer = main.try_clone().context("clone socket")?;
+        let mut reader = FrameReader::new(main);
+        let Control::Start {
+            mode,
+            total_pages,
+            precopy,
+            postcopy,
+            ..
+        } = read_control(&mut reader, "start")?
+        else {
+            return Err(Stop::failed("the source did not begin with start"));
+        };
+        if total_pages != self.total {
+            return Err(Stop::failed(format!(
+                "the source has {total_pages} pages, this VM {}",
+                self.total
+            )));
+        }
+        let uffd = match self.arm_trap(postcopy) {
+            Ok(u) => u,
+            // A hybrid migration may fall back to pre-copy; the source decides, told by a
+            // ready without a trap.
+            Err(why) if mode == Mode::Hybrid => {
+                tracing::warn!("post-copy unavailable, offering pre-copy only: {why}");
+                m.set_message(format!("post-copy unavailable: {why}"));
+                None
+            }
+            Err(why) => {
+                let _ = Control::Cancel {
+                    reason: why.clone(),
+                }
+                .write(&mut writer);
+                return Err(Stop::failed(why));
+            }
+        };
+        let trap = uffd.as_ref().map(|_| TrapBackend::Userfaultfd);
+        m.set_trap(trap);
+        let installer = Arc::new(Installer::new(mem, uffd));
+        Control::Ready { trap }.write(&mut writer)?;
+
+        // Pre-copy: pages until the switch-over message.
+        if precopy {
+            m.set_phase(Phase::PreCopy, "receiving pre-copy passes");
+        }
+        let switch = loop {
+            if m.cancelled() {
+                let _ = Control::Cancel {
+                    reason: "cancelled on the target".into(),
+                }
+                .write(&mut writer);
+                return Err(Stop::Cancelled("cancelled by request".into()));
+            }
+            let frame = reader
+                .read()
+                .context("the source went away during pre-copy")?;
+            match frame.kind {
+                FrameType::Pages => {
+                    let batch = PagesBatch::parse(frame.payload, self.total)?;
+                    installer
+                        .precopy_batch(&batch)
+                        .context("installing pre-copied pages")?;
+                    let zero = batch.entries.iter().filter(|e| e.zero).count() as u64;
+                    let n = batch.entries.len() as u64;
+                    self.account(n, zero, frame.payload.len() as u64);
+                }
+                FrameType::SwitchOver => break SwitchOver::parse(frame.payload, self.total)?,
+                FrameType::Control => match Control::parse(frame.payload)? {
+                    Control::RoundEnd { round, dirty, .. } => {
+                        m.counters.precopy_rounds.store(round, Ordering::Relaxed);
+                        m.counters.remaining_pages.store(dirty, Ordering::Relaxed);
+                        m.set_message(format!(
+                            "pre-copy pass {round} received; {dirty} pages dirtied meanwhile"
+                        ));
+                    }
+                    Control::Cancel { reason } => {
+                        return Err(Stop::Cancelled(format!("the source cancelled: {reason}")));
+                    }
+                    other => {
+                        return Err(Stop::failed(format!(
+                            "unexpected {other:?} during pre-copy"
+                        )));
+                    }
+                },
+                other => {
+                    return Err(Stop::failed(format!(
+                        "unexpected {other:?} frame during pre-copy"
+                    )));
+                }
+            }
+        };
+
+        m.set_phase(Phase::SwitchOver, "restoring the VM state");
+        let discard = installer
+            .switch_over(&switch.invalid)
+            .context("switch-over")?;
+        if !discard.is_empty() {
+            self.vmm
+                .discard(&discard)
+                .context("the VMM could not drop stale pages")?;
+        }
+        self.vmm
+            .restore_state(&switch.state)
+            .context("the VMM refused the source's state")?;
+        let valid = installer.states().valid_count();
+        m.counters
+            .remaining_pages
+            .store(self.total - valid, Ordering::Relaxed);
+        Control::Prepared.write(&mut writer)?;
+        match read_control(&mut reader, "commit")? {
+            Control::Commit => {}
+            other => return Err(Stop::failed(format!("expected commit, got {other:?}"))),
+        }
+        // The source is fenced: from here the VM exists only here.
+        m.commit();
+        self.vmm.resume().context("cannot resume the target VM")?;
+        Control::Resumed.write(&mut writer)?;
+        m.set_message("running on the target");
+
+        if !installer.states().all_valid() {
+            let urgent = conns.take(Channel::Urgent, m, deadline + Duration::from_secs(3600))?;
+            self.postcopy(&installer, &mut reader, urgent)?;
+        }
+        if installer.uffd().is_some() {
+            self.vmm
+                .userfaultfd_disarm()
+                .context("cannot disarm the userfaultfd")?;
+        }
+        let faults = m.counters.faults.load(Ordering::Relaxed);
+        Control::Complete { faults }.write(&mut writer)?;
+        m.counters.remaining_pages.store(0, Ordering::Relaxed);
+        m.set_phase(
+            Phase::Completed,
+            "completed: every page is here and the trap is disarmed",
+        );
+        Ok(())
+    }
+
+    fn postcopy(
+        &self,
+        installer: &Arc<Installer>,
+        reader: &mut FrameReader<TcpStream>,
+        urgent: TcpStream,
+    ) -> Result<(), Stop> {
+        let m = self.m;
+        m.set_phase(
+            Phase::PostCopy,
+            format!(
+                "post-copy: {} pages to fetch",
+                self.total - installer.states().valid_count()
+            ),
+        );
+        let waiting: Arc<Waiting> = Arc::new(Mutex::new(HashMap::new()));
+        let done = Arc::new(AtomicBool::new(false));
+        let faults = std::thread::scope(|scope| -> Result<(), Stop> {
+            let handler = {
+                let (installer, waiting, done) = (installer.clone(), waiting.clone(), done.clone());
+                std::thread::Builder::new()
+                    .name("fault-handler".into())
+                    .spawn_scoped(scope, move || {
+                        self.handle_faults(&installer, urgent, &waiting, &done)
+                    })
+                    .context("cannot start the fault handler")?
+            };
+            let pushed = self.receive_push(installer, reader, &waiting);
+            if pushed.is_err() {
+                done.store(true, Ordering::Release);
+            }
+            let handled = handler
+                .join()
+                .map_err(|_| anyhow!("the fault handler panicked"))?;
+            pushed?;
+            handled.map_err(Stop::Failed)
+        });
+        faults?;
+        Ok(())
+    }
+
+    /// Installs what arrives on the main channel until the source says it has sent all, then
+    /// waits for the last urgent installs.
+    fn receive_push(
+        &self,
+        installer: &Installer,
+        reader: &mut FrameReader<TcpStream>,
+        waiting: &Waiting,
+    ) -> Result<(), Stop> {
+        loop {
+            let frame = reader
+                .read()
+                .context("the source went away during post-copy")?;
+            match frame.kind {
+                FrameType::Pages => {
+                    let batch = PagesBatch::parse(frame.payload, self.total)?;
+                    let mut zero = 0;
+                    for (page, data) in batch.pages() {
+                        zero += u64::from(data.is_none());
+                        self.install(installer, page, data, waiting)?;
+                    }
+                    self.account(batch.entries.len() as u64, zero, frame.payload.len() as u64);
+                    self.m.counters.remaining_pages.store(
+                        self.total - installer.states().valid_count(),
+                        Ordering::Relaxed,
+                    );
+                }
+                FrameType::Control => match Control::parse(frame.payload)? {
+                    Control::PushDone { .. } => break,
+                    other => {
+                        return Err(Stop::failed(format!(
+                            "unexpected {other:?} during post-copy"
+                        )));
+                    }
+                },
+                other => {
+                    return Err(Stop::failed(format!(
+                        "unexpected {other:?} frame during post-copy"
+                    )));
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !installer.states().all_valid() {
+            if Instant::now() > deadline {
+                return Err(Stop::failed(format!(
+                    "{} pages never arrived after the source finished pushing",
+                    self.total - installer.states().valid_count()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn install(
+        &self,
+        installer: &Installer,
+        page: u64,
+        data: Option<&[u8]>,
+        waiting: &Waiting,
+    ) -> Result<(), Stop> {
+        if let Installed::Yes { waited: true } = installer
+            .install(page, data)
+            .with_context(|| format!("installing page {page}"))?
+        {
+            let since = waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&page);
+            if let Some(t) = since {
+                let latency = t.elapsed();
+                self.m.counters.record_fault_latency(latency);
+                self.sidecar
+                    .metrics
+                    .fault_latency
+                    .observe(latency.as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads userfaultfd events and fault replies until every page is valid: a first fault on a
+    /// missing page sends a request on the urgent channel; a fault on a page that became valid
+    /// meanwhile is woken at once.
+    fn handle_faults(
+        &self,
+        installer: &Installer,
+        urgent: TcpStream,
+        waiting: &Waiting,
+        done: &AtomicBool,
+    ) -> anyhow::Result<()> {
+        let uffd = installer
+            .uffd()
+            .ok_or_else(|| anyhow!("post-copy without a trap"))?;
+        let mem = installer.memory();
+        let mut writer = urgent.try_clone().context("clone urgent socket")?;
+        let mut reader = FrameReader::new(urgent);
+        let mut requests = Vec::new();
+        while !installer.states().all_valid() && !done.load(Ordering::Acquire) {
+            let mut fds = [
+                PollFd::new(uffd, PollFlags::IN),
+                PollFd::new(reader.get_ref(), PollFlags::IN),
+            ];
+            let timeout = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => bail!("poll failed: {e}"),
+            }
+            let (faulted, replied) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            if faulted {
+                requests.clear();
+                for event in uffd.read_events(64).context("reading faults")? {
+                    let Event::PageFault { address, .. } = event else {
+                        continue;
+                    };
+                    let Some(page) = mem.page_of_host_addr(address) else {
+                        tracing::warn!(
+                            address = format_args!("{address:#x}"),
+                            "fault outside guest RAM"
+                        );
+                        continue;
+                    };
+                    match installer.states().fault(page) {
+                        FaultOutcome::Fetch => {
+                            waiting
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(page, Instant::now());
+                            requests.push(page);
+                        }
+                        FaultOutcome::Wake => installer.wake(page).context("wake")?,
+                        FaultOutcome::Pending => {}
+                    }
+                }
+                if !requests.is_empty() {
+                    self.m
+                        .counters
+                        .faults
+                        .fetch_add(requests.len() as u64, Ordering::Relaxed);
+                    self.sidecar.metrics.faults.inc_by(requests.len() as u64);
+                    for chunk in requests.chunks(faultline::wire::messages::MAX_BATCH) {
+                        FaultRequest::write(&mut writer, chunk)
+                            .context("sending a fault request")?;
+                    }
+                }
+            }
+            if replied {
+                let frame = match reader.read() {
+                    Ok(f) => f,
+                    Err(WireError::Closed) => bail!("the source closed the urgent channel"),
+                    Err(e) => return Err(e).context("urgent channel"),
+                };
+                if frame.kind != FrameType::Pages {
+                    bail!("unexpected {:?} frame on the urgent channel", frame.kind);
+                }
+                let batch = PagesBatch::parse(frame.payload, self.total)?;
+                let mut zero = 0;
+                for (page, data) in batch.pages() {
+                    zero += u64::from(data.is_none());
+                    self.install(installer, page, data, waiting)
+                        .map_err(|e| anyhow!("{e}"))?;
+                }
+                self.account(batch.entries.len() as u64, zero, frame.payload.len() as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe(cap: Option<&faultline::vmm_protocol::messages::Capability>) -> String {
+    match cap {
+        Some(c) if c.available => "available".into(),
+        Some(c) => format!("unavailable ({})", c.reason.clone().unwrap_or_default()),
+        None => "not offered by the VMM".into(),
+    }
+}

@@ -1,0 +1,457 @@
+//! Migrations between real VMMs through real sidecars on loopback: every mode on memfd and
+//! anonymous memory with 1 and 2 vCPUs, the guest verified on the target afterwards; post-copy
+//! at a heavy dirty rate; and the failure cases (target killed before commit, cancel during
+//! pre-copy, wrong secret).
+
+use std::time::{Duration, Instant};
+
+use faultline::local::{SidecarProcess, VmmProcess};
+use faultline::sidecar_api::{MigrationStatus, Mode, Phase, Policy, Role, StartMigration};
+use faultline::vmm_protocol::messages::{VmState, VmStatus};
+use faultline::wire::Secret;
+
+fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
+struct Side {
+    vmm: VmmProcess,
+    sidecar: SidecarProcess,
+}
+
+struct Pair {
+    src: Side,
+    dst: Side,
+}
+
+fn side(tag: &str, args: &[String]) -> Side {
+    let vmm = VmmProcess::start(tag, args).expect("start VMM");
+    let sidecar = SidecarProcess::start(tag, &vmm.socket).expect("start sidecar");
+    Side { vmm, sidecar }
+}
+
+fn pair(tag: &str, vmm_args: &[&str]) -> Pair {
+    let args: Vec<String> = vmm_args.iter().map(|s| s.to_string()).collect();
+    let mut dst_args = args.clone();
+    dst_args.push("--incoming".into());
+    Pair {
+        src: side(&format!("{tag}-src"), &args),
+        dst: side(&format!("{tag}-dst"), &dst_args),
+    }
+}
+
+fn request(
+    id: &str,
+    role: Role,
+    peer: Option<String>,
+    secret: &Secret,
+    policy: &Policy,
+) -> StartMigration {
+    StartMigration {
+        id: id.into(),
+        role,
+        peer,
+        secret: secret.to_base64(),
+        policy: policy.clone(),
+    }
+}
+
+/// Starts the target, then the source; returns once the source's migration has started.
+fn start(p: &Pair, id: &str, policy: &Policy, src_secret: &Secret, dst_secret: &Secret) {
+    let t = p
+        .dst
+        .sidecar
+        .client()
+        .start(&request(id, Role::Target, None, dst_secret, policy))
+        .expect("start target");
+    assert_eq!(t.phase, Phase::Waiting);
+    p.src
+        .sidecar
+        .client()
+        .start(&request(
+            id,
+            Role::Source,
+            Some(p.dst.sidecar.migration_addr()),
+            src_secret,
+            policy,
+        ))
+        .expect("start source");
+}
+
+fn wait_terminal(side: &Side, id: &str, timeout: Duration) -> MigrationStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = side.sidecar.client().status(id).expect("status");
+        if s.phase.is_terminal() || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_status(vmm: &VmmProcess, timeout: Duration, pred: impl Fn(&VmStatus) -> bool) -> VmStatus {
+    let mut c = vmm.client().expect("VMM client");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = c.status().expect("VMM status");
+        if pred(&s) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Migrates and checks both sides completed and the guest on the target verified every page
+/// at least once after the migration (a full memtouch sweep on every vCPU) with no failure.
+fn migrate_and_verify(
+    tag: &str,
+    backing: &str,
+    vcpus: u32,
+    policy: Policy,
+    extra: &[&str],
+) -> (MigrationStatus, MigrationStatus) {
+    let n = vcpus.to_string();
+    let mut args = vec!["--memory", "128M", "--vcpus", &n, "--backing", backing];
+    args.extend_from_slice(extra);
+    let mut p = pair(tag, &args);
+    // Let the guest write a good part of its memory first.
+    wait_status(&p.src.vmm, Duration::from_secs(30), |s| {
+        s.vcpu_status.iter().all(|v| v.status_word >= 1)
+    });
+    let secret = Secret::generate().expect("secret");
+    start(&p, tag, &policy, &secret, &secret);
+    let src = wait_terminal(&p.src, tag, Duration::from_secs(120));
+    let dst = wait_terminal(&p.dst, tag, Duration::from_secs(30));
+    assert_eq!(
+        src.phase,
+        Phase::Completed,
+        "source: {src:#?}\n{}",
+        p.src.sidecar.log()
+    );
+    assert_eq!(
+        dst.phase,
+        Phase::Completed,
+        "target: {dst:#?}\n{}",
+        p.dst.sidecar.log()
+    );
+    assert!(src.committed && dst.committed);
+    assert_eq!(dst.progress.remaining_pages, 0);
+    assert!(src.progress.downtime_ms.is_some());
+
+    // The source VMM was told to exit, fenced; the guest found nothing wrong there either.
+    let (final_src, _) = p
+        .src
+        .vmm
+        .wait(Duration::from_secs(30))
+        .expect("source VMM exits");
+    assert_eq!(final_src.state, VmState::Fenced);
+    assert_eq!(final_src.failures, 0);
+
+    let at_end = p
+        .dst
+        .vmm
+        .client()
+        .expect("client")
+        .status()
+        .expect("status");
+    assert_eq!(at_end.state, VmState::Running);
+    let after = wait_status(&p.dst.vmm, Duration::from_secs(90), |s| {
+        s.vcpu_status
+            .iter()
+            .zip(&at_end.vcpu_status)
+            .all(|(v, a)| v.status_word > a.status_word)
+    });
+    for (v, a) in after.vcpu_status.iter().zip(&at_end.vcpu_status) {
+        assert!(
+            v.status_word > a.status_word,
+            "vCPU {} did not complete a sweep on the target",
+            v.index
+        );
+        assert!(v.heartbeats > a.heartbeats);
+    }
+    assert_eq!(
+        after.failures, 0,
+        "the guest found damage after migrating: {:?}",
+        after.failed_pages
+    );
+    let (final_dst, code) = p.dst.vmm.shutdown().expect("target VMM shutdown");
+    assert_eq!(final_dst.failures, 0);
+    assert_eq!(code, 0);
+    (src, dst)
+}
+
+fn policy(mode: Mode, passes: u32) -> Policy {
+    Policy {
+        mode,
+        precopy_passes: passes,
+        ..Policy::default()
+    }
+}
+
+macro_rules! mode_tests {
+    ($($name:ident: $mode:expr, $passes:expr, $backing:expr, $vcpus:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            if !kvm_available() {
+                return;
+            }
+            let (src, dst) = migrate_and_verify(stringify!($name), $backing, $vcpus, policy($mode, $passes), &[]);
+            if $mode == Mode::PreCopy {
+                assert_eq!(src.progress.faults, 0, "pre-copy never faults");
+                assert!(src.trap.is_none());
+            }
+            if $mode == Mode::PostCopy {
+                assert!(dst.trap.is_some());
+            }
+        }
+    )*};
+}
+
+mode_tests! {
+    precopy_memfd_1: Mode::PreCopy, 8, "memfd", 1;
+    precopy_memfd_2: Mode::PreCopy, 8, "memfd", 2;
+    precopy_anon_1: Mode::PreCopy, 8, "anon", 1;
+    precopy_anon_2: Mode::PreCopy, 8, "anon", 2;
+    postcopy_memfd_1: Mode::PostCopy, 1, "memfd", 1;
+    postcopy_memfd_2: Mode::PostCopy, 1, "memfd", 2;
+    postcopy_anon_1: Mode::PostCopy, 1, "anon", 1;
+    postcopy_anon_2: Mode::PostCopy, 1, "anon", 2;
+    hybrid_memfd_1: Mode::Hybrid, 8, "memfd", 1;
+    hybrid_memfd_2: Mode::Hybrid, 8, "memfd", 2;
+    hybrid_anon_1: Mode::Hybrid, 8, "anon", 1;
+    hybrid_anon_2: Mode::Hybrid, 8, "anon", 2;
+}
+
+/// Pure post-copy of a guest that rewrites a page on every iteration: vCPUs fault while the
+/// background push streams the same pages, so installs race and every page must still be
+/// installed exactly once with the right contents.
+#[test]
+fn postcopy_heavy_dirty_rate_races_the_push() {
+    if !kvm_available() {
+        return;
+    }
+    for backing in ["memfd", "anon"] {
+        let (src, dst) = migrate_and_verify(
+            &format!("heavy-{backing}"),
+            backing,
+            2,
+            policy(Mode::PostCopy, 0),
+            &["--dirty-rate", "heavy"],
+        );
+        assert_eq!(src.progress.precopy_rounds, 0);
+        assert!(
+            dst.progress.faults > 0,
+            "a guest running on missing memory must fault"
+        );
+        assert!(dst.progress.fault_latency_us.max > 0);
+        assert_eq!(
+            dst.progress.transferred_pages,
+            src.progress.transferred_pages
+        );
+    }
+}
+
+/// A pre-copy that cannot converge (heavy dirty rate, 1 ms budget) keeps the migration in
+/// pre-copy long enough to interrupt it.
+fn endless_precopy() -> Policy {
+    Policy {
+        mode: Mode::PreCopy,
+        precopy_passes: 1000,
+        max_downtime_ms: 1,
+        ..Policy::default()
+    }
+}
+
+fn wait_precopy_rounds(side: &Side, id: &str, rounds: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = side.sidecar.client().status(id).expect("status");
+        assert!(!s.phase.is_terminal(), "ended early: {s:#?}");
+        if s.progress.precopy_rounds >= rounds {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pre-copy never reached round {rounds}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The source VM is running, has not been fenced, and its guest is healthy.
+fn assert_source_keeps_running(p: &Pair) {
+    let a = p
+        .src
+        .vmm
+        .client()
+        .expect("client")
+        .status()
+        .expect("status");
+    assert_eq!(a.state, VmState::Running, "{a:?}");
+    let b = wait_status(&p.src.vmm, Duration::from_secs(20), |s| {
+        s.heartbeats.iter().zip(&a.heartbeats).all(|(x, y)| x > y)
+    });
+    assert!(
+        b.heartbeats.iter().zip(&a.heartbeats).all(|(x, y)| x > y),
+        "source guest stalled"
+    );
+    assert_eq!(b.failures, 0);
+}
+
+#[test]
+fn target_killed_before_commit_leaves_the_source_running() {
+    if !kvm_available() {
+        return;
+    }
+    let mut p = pair(
+        "killed",
+        &["--memory", "256M", "--vcpus", "2", "--dirty-rate", "heavy"],
+    );
+    let secret = Secret::generate().expect("secret");
+    start(&p, "killed", &endless_precopy(), &secret, &secret);
+    wait_precopy_rounds(&p.src, "killed", 2);
+    // The whole target pod dies.
+    drop(std::mem::replace(
+        &mut p.dst.sidecar,
+        SidecarProcess::start("killed-spare", &p.src.vmm.socket).expect("spare"),
+    ));
+    p.dst.vmm.kill();
+    let s = wait_terminal(&p.src, "killed", Duration::from_secs(60));
+    assert_eq!(s.phase, Phase::Failed, "{s:#?}");
+    assert!(!s.committed && !s.vm_lost);
+    assert!(s.message.contains("keeps running"), "{}", s.message);
+    assert_source_keeps_running(&p);
+    let (last, code) = p.src.vmm.shutdown().expect("shutdown");
+    assert_eq!(last.failures, 0);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn cancel_during_precopy_leaves_the_source_running() {
+    if !kvm_available() {
+        return;
+    }
+    let mut p = pair(
+        "cancel",
+        &["--memory", "256M", "--vcpus", "2", "--dirty-rate", "heavy"],
+    );
+    let secret = Secret::generate().expect("secret");
+    start(&p, "cancel", &endless_precopy(), &secret, &secret);
+    wait_precopy_rounds(&p.src, "cancel", 2);
+    let c = p
+        .src
+        .sidecar
+        .client()
+        .cancel("cancel")
+        .expect("cancel accepted");
+    assert!(!c.committed);
+    let s = wait_terminal(&p.src, "cancel", Duration::from_secs(60));
+    assert_eq!(s.phase, Phase::Cancelled, "{s:#?}");
+    let t = wait_terminal(&p.dst, "cancel", Duration::from_secs(30));
+    assert!(
+        matches!(t.phase, Phase::Cancelled | Phase::Failed),
+        "{t:#?}"
+    );
+    assert!(!t.committed);
+    assert_source_keeps_running(&p);
+    // Cancelling twice, or something finished, is refused.
+    let again = p
+        .src
+        .sidecar
+        .client()
+        .cancel("cancel")
+        .expect_err("second cancel");
+    assert_eq!(again.status(), Some(409));
+    // The target VM never ran (it may have been prepared, if the cancel came at switch-over).
+    let dst = p
+        .dst
+        .vmm
+        .client()
+        .expect("client")
+        .status()
+        .expect("status");
+    assert_ne!(dst.state, VmState::Running);
+    assert_eq!(dst.run_ms, 0, "the target VM ran: {dst:?}");
+    let (last, _) = p.src.vmm.shutdown().expect("shutdown");
+    assert_eq!(last.failures, 0);
+}
+
+#[test]
+fn wrong_secret_is_rejected_at_the_handshake() {
+    if !kvm_available() {
+        return;
+    }
+    let p = pair("secret", &["--memory", "64M", "--vcpus", "1"]);
+    let (good, bad) = (
+        Secret::generate().expect("secret"),
+        Secret::generate().expect("secret"),
+    );
+    start(&p, "secret", &policy(Mode::Hybrid, 4), &bad, &good);
+    let s = wait_terminal(&p.src, "secret", Duration::from_secs(30));
+    assert_eq!(s.phase, Phase::Failed);
+    assert!(
+        s.error.as_deref().unwrap_or("").contains("secret"),
+        "the error names the secret: {s:#?}"
+    );
+    assert_eq!(s.progress.transferred_pages, 0);
+    let t = p.dst.sidecar.client().status("secret").expect("status");
+    assert_eq!(
+        t.progress.transferred_pages, 0,
+        "nothing reached the target"
+    );
+    assert!(
+        !t.phase.is_terminal(),
+        "an impostor cannot end the target's migration"
+    );
+    assert!(t.message.contains("refused"), "{}", t.message);
+    assert_source_keeps_running(&p);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let p = pair("badreq", &["--memory", "64M", "--vcpus", "1"]);
+    let secret = Secret::generate().expect("secret");
+    let c = p.src.sidecar.client();
+    // A source needs a peer; a target is refused on a running VM; secrets must be long.
+    let no_peer = request("x", Role::Source, None, &secret, &Policy::default());
+    assert_eq!(c.start(&no_peer).unwrap_err().status(), Some(400));
+    let wrong_role = request("x", Role::Target, None, &secret, &Policy::default());
+    assert_eq!(c.start(&wrong_role).unwrap_err().status(), Some(409));
+    let mut short = request(
+        "x",
+        Role::Source,
+        Some("127.0.0.1:1".into()),
+        &secret,
+        &Policy::default(),
+    );
+    short.secret = "c2hvcnQ=".into();
+    assert_eq!(c.start(&short).unwrap_err().status(), Some(400));
+    let bad_policy = request(
+        "x",
+        Role::Source,
+        Some("127.0.0.1:1".into()),
+        &secret,
+        &Policy {
+            max_downtime_ms: 0,
+            ..Policy::default()
+        },
+    );
+    assert_eq!(c.start(&bad_policy).unwrap_err().status(), Some(400));
+    assert_eq!(c.status("nope").unwrap_err().status(), Some(404));
+    let node = c.node().expect("node");
+    assert!(node.vm.is_some());
+    assert!(!node.trap_backends.is_empty());
+}

@@ -1,0 +1,11 @@
+//! Running Faultline on one machine: start real `faultline-vmm` and `faultline-sidecar`
+//! processes and talk to the sidecars' HTTP API. What `faultline demo`, the benchmark and the
+//! end-to-end tests use to build a source and a target on loopback.
+//!
+//! Behind the `cli` feature: it brings an HTTP client, which the library proper must not need.
+
+pub mod client;
+pub mod process;
+
+pub use client::{ClientError, SidecarClient};
+pub use process::{LocalError, SidecarProcess, VmmProcess, binary};

@@ -1,0 +1,356 @@
+//! The one capability probe for trap backends, shared by the sidecar, the CLI and the kernel
+//! boot matrix: for each backing (anon, memfd, guest_memfd), does KVM Userfault work, and does
+//! userfaultfd? Owns only the probing; the result types live in `crate::trap` so that
+//! components without KVM can read them.
+//!
+//! It probes by doing, never by version strings or capability numbers:
+//! - **kvm-userfault**: create a throwaway VM and memory of the backing, and set a memslot over
+//!   it with `KVM_MEM_USERFAULT` and a userfault bitmap;
+//! - **userfaultfd**: register a mapping of the backing with a userfaultfd that also traps
+//!   kernel-mode faults (as KVM's accesses are), in each mode Faultline can use: MISSING for
+//!   anonymous memory, MISSING and MINOR for memfd and guest_memfd mappings.
+//!
+//! Every result's `reason` names what was tried and what the kernel answered, either way.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use kvm_bindings::kvm_create_guest_memfd;
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::kvm_userfault::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Memslot, UserfaultBitmap, flag_names,
+};
+use crate::layout::{BackingKind, PAGE_SIZE};
+use crate::sys::MmapRegion;
+use crate::sys::uffd::{
+    FEATURE_MINOR_SHMEM, FEATURE_MISSING_SHMEM, MODE_MINOR, MODE_MISSING, UffdError, Userfaultfd,
+};
+use crate::trap::{BackendProbe, TrapBackend};
+
+/// Pages of the throwaway memory each probe uses.
+const PROBE_PAGES: u64 = 16;
+const PROBE_BYTES: u64 = PROBE_PAGES * PAGE_SIZE;
+/// Guest-physical address of the probe memslot.
+const PROBE_GPA: u64 = 1 << 30;
+
+/// Probes both trap backends on every backing kind, in the order of `BackingKind::ALL`
+/// (kvm-userfault first for each backing).
+pub fn probe_trap_backends() -> Vec<BackendProbe> {
+    let mut out = Vec::with_capacity(BackingKind::ALL.len() * 2);
+    for backing in BackingKind::ALL {
+        out.push(verdict(
+            backing,
+            TrapBackend::KvmUserfault,
+            probe_kvm_userfault(backing),
+        ));
+        out.push(verdict(
+            backing,
+            TrapBackend::Userfaultfd,
+            probe_userfaultfd(backing),
+        ));
+    }
+    out
+}
+
+fn verdict(
+    backing: BackingKind,
+    backend: TrapBackend,
+    result: Result<String, String>,
+) -> BackendProbe {
+    let (available, reason) = match result {
+        Ok(reason) => (true, reason),
+        Err(reason) => (false, reason),
+    };
+    tracing::debug!(%backing, %backend, available, reason, "trap backend probed");
+    BackendProbe {
+        backing,
+        backend,
+        available,
+        reason,
+    }
+}
+
+/// The symbolic name of an errno value, e.g. `EINVAL`.
+pub fn errno_name(errno: i32) -> String {
+    let name = match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::E2BIG => "E2BIG",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOTTY => "ENOTTY",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENXIO => "ENXIO",
+        _ => return format!("errno {errno}"),
+    };
+    name.to_string()
+}
+
+/// Memory of one backing kind for a probe, plus what keeps it alive.
+struct ProbeMemory {
+    mapping: MmapRegion,
+    /// The guest_memfd, for guest_memfd memory.
+    gmem: Option<OwnedFd>,
+    /// The VM the guest_memfd belongs to (a guest_memfd can only back that VM's memslots).
+    vm: Option<VmFd>,
+}
+
+fn open_kvm() -> Result<Kvm, String> {
+    Kvm::new().map_err(|e| format!("open /dev/kvm = {}", errno_name(e.errno())))
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, String> {
+    kvm.create_vm()
+        .map_err(|e| format!("KVM_CREATE_VM = {}", errno_name(e.errno())))
+}
+
+/// Allocates `PROBE_BYTES` of `backing` memory. guest_memfd memory is created on `vm`, or on a
+/// fresh VM when `vm` is `None`.
+fn probe_memory(backing: BackingKind, vm: Option<VmFd>) -> Result<ProbeMemory, String> {
+    match backing {
+        BackingKind::Anon => Ok(ProbeMemory {
+            mapping: MmapRegion::anonymous(PROBE_BYTES as usize)
+                .map_err(|e| format!("anonymous mmap: {e}"))?,
+            gmem: None,
+            vm,
+        }),
+        BackingKind::Memfd => {
+            let fd = rustix::fs::memfd_create("faultline-probe", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| format!("memfd_create = {}", errno_name(e.raw_os_error())))?;
+            rustix::fs::ftruncate(&fd, PROBE_BYTES)
+                .map_err(|e| format!("ftruncate(memfd) = {}", errno_name(e.raw_os_error())))?;
+            let mapping = MmapRegion::shared(fd.as_fd(), 0, PROBE_BYTES as usize)
+                .map_err(|e| format!("mmap(memfd): {e}"))?;
+            Ok(ProbeMemory {
+                mapping,
+                gmem: None,
+                vm,
+            })
+        }
+        BackingKind::GuestMemfd => {
+            let vm = match vm {
+                Some(vm) => vm,
+                None => create_vm(&open_kvm()?)?,
+            };
+            let raw = vm
+                .create_guest_memfd(kvm_create_guest_memfd {
+                    size: PROBE_BYTES,
+                    flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+                    ..Default::default()
+                })
+                .map_err(|e| {
+                    format!(
+                        "KVM_CREATE_GUEST_MEMFD(GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED) = {}",
+                        errno_name(e.errno())
+                    )
+                })?;
+            // SAFETY: KVM_CREATE_GUEST_MEMFD just returned this descriptor; nothing else owns
+            // it, so wrapping it makes it closed exactly once.
+            let gmem = unsafe { OwnedFd::from_raw_fd(raw) };
+            let mapping = MmapRegion::shared(gmem.as_fd(), 0, PROBE_BYTES as usize)
+                .map_err(|e| format!("mmap(guest_memfd): {e}"))?;
+            Ok(ProbeMemory {
+                mapping,
+                gmem: Some(gmem),
+                vm: Some(vm),
+            })
+        }
+    }
+}
+
+/// KVM Userfault on `backing`: a memslot with `KVM_MEM_USERFAULT` and a bitmap.
+fn probe_kvm_userfault(backing: BackingKind) -> Result<String, String> {
+    let kvm = open_kvm()?;
+    let vm = create_vm(&kvm)?;
+    let bitmap = UserfaultBitmap::new(PROBE_PAGES);
+    let mem = probe_memory(backing, Some(vm))?;
+    let Some(vm) = mem.vm.as_ref() else {
+        return Err("internal error: the probe VM went missing".into());
+    };
+    let slot = Memslot {
+        slot: 0,
+        guest_phys_addr: PROBE_GPA,
+        memory_size: PROBE_BYTES,
+        userspace_addr: mem.mapping.as_ptr() as u64,
+        guest_memfd: mem.gmem.as_ref().map(|fd| (fd.as_raw_fd() as u32, 0)),
+        log_dirty_pages: false,
+        userfault_bitmap: Some(bitmap.user_addr()),
+    };
+    let what = format!(
+        "KVM_SET_USER_MEMORY_REGION2({}) on {backing} memory",
+        flag_names(slot.flags())
+    );
+    // SAFETY: the memslot covers `mem.mapping` (and `mem.gmem`) and points KVM at `bitmap`; all
+    // of them outlive the VM, which is dropped first below, and no vCPU ever runs in it.
+    let result = unsafe { vm.set_user_memory_region2(slot.region2()) };
+    drop(mem.vm);
+    drop(bitmap);
+    match result {
+        Ok(()) => Ok(format!("{what} = 0")),
+        Err(e) => Err(format!("{what} = {}", errno_name(e.errno()))),
+    }
+}
+
+/// userfaultfd on `backing`: registration of the backing's mapping in each usable mode.
+fn probe_userfaultfd(backing: BackingKind) -> Result<String, String> {
+    let modes: &[(u64, &str, u64)] = match backing {
+        BackingKind::Anon => &[(MODE_MISSING, "MISSING", 0)],
+        BackingKind::Memfd | BackingKind::GuestMemfd => &[
+            (MODE_MISSING, "MISSING", FEATURE_MISSING_SHMEM),
+            (MODE_MINOR, "MINOR", FEATURE_MINOR_SHMEM),
+        ],
+    };
+    let mem = probe_memory(backing, None)?;
+    let start = mem.mapping.as_ptr() as u64;
+    let mut reasons = Vec::new();
+    let mut any = false;
+    for &(mode, mode_name, features) in modes {
+        let what = format!("UFFDIO_REGISTER({backing} mapping, {mode_name})");
+        match Userfaultfd::new(features) {
+            Ok(uffd) => match uffd.register(start, PROBE_BYTES, mode) {
+                Ok(_) => {
+                    any = true;
+                    reasons.push(format!("{what} = 0"));
+                }
+                Err(e) => reasons.push(format!("{what} = {}", uffd_errno(&e))),
+            },
+            Err(e) => reasons.push(format!(
+                "userfaultfd for {mode_name} (features {features:#x}): {}",
+                uffd_create_failure(&e)
+            )),
+        }
+    }
+    let reason = reasons.join("; ");
+    if any { Ok(reason) } else { Err(reason) }
+}
+
+fn uffd_errno(e: &UffdError) -> String {
+    match e.errno() {
+        Some(errno) => errno_name(errno.raw_os_error()),
+        None => e.to_string(),
+    }
+}
+
+fn uffd_create_failure(e: &UffdError) -> String {
+    match e {
+        UffdError::Create { syscall, device } => format!(
+            "userfaultfd() = {}, /dev/userfaultfd: {device}",
+            errno_name(syscall.raw_os_error())
+        ),
+        UffdError::Api { errno, .. } => {
+            format!("UFFDIO_API = {}", errno_name(errno.raw_os_error()))
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvm_userfault::KVM_CAP_USERFAULT_FAULTLINE;
+
+    fn find(probes: &[BackendProbe], backing: BackingKind, backend: TrapBackend) -> &BackendProbe {
+        probes
+            .iter()
+            .find(|p| p.backing == backing && p.backend == backend)
+            .unwrap_or_else(|| panic!("no probe for {backing}/{backend}: {probes:?}"))
+    }
+
+    #[test]
+    fn errno_names() {
+        assert_eq!(errno_name(libc::EINVAL), "EINVAL");
+        assert_eq!(errno_name(libc::ENOTTY), "ENOTTY");
+        assert_eq!(errno_name(4095), "errno 4095");
+    }
+
+    /// One result per backing and backend, each saying what it tried.
+    #[test]
+    fn probes_every_backing_with_both_backends() {
+        let probes = probe_trap_backends();
+        assert_eq!(probes.len(), 6, "{probes:?}");
+        for backing in BackingKind::ALL {
+            let k = find(&probes, backing, TrapBackend::KvmUserfault);
+            let u = find(&probes, backing, TrapBackend::Userfaultfd);
+            assert!(!k.reason.is_empty() && !u.reason.is_empty());
+        }
+        let json = serde_json::to_string(&probes).unwrap();
+        let back: Vec<BackendProbe> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, probes);
+        assert!(json.contains(r#""backend":"kvm-userfault""#), "{json}");
+        assert!(json.contains(r#""backing":"guest-memfd""#), "{json}");
+    }
+
+    /// On a kernel without KVM Userfault (the development host: a paravirtual KVM on 6.18),
+    /// the probe must say so with the memslot ioctl's EINVAL. A kernel that reports Faultline's
+    /// capability must instead accept the flag.
+    #[test]
+    fn kvm_userfault_matches_the_kernel() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("skipping: /dev/kvm is not usable here");
+            return;
+        };
+        let patched = kvm.check_extension_raw(KVM_CAP_USERFAULT_FAULTLINE.into()) > 0;
+        let probes = probe_trap_backends();
+        for backing in [BackingKind::Anon, BackingKind::Memfd] {
+            let p = find(&probes, backing, TrapBackend::KvmUserfault);
+            assert_eq!(p.available, patched, "{p:?}");
+            if !patched {
+                assert_eq!(
+                    p.reason,
+                    format!(
+                        "KVM_SET_USER_MEMORY_REGION2(KVM_MEM_USERFAULT) on {backing} memory = EINVAL"
+                    )
+                );
+            }
+        }
+        let g = find(&probes, BackingKind::GuestMemfd, TrapBackend::KvmUserfault);
+        assert_eq!(g.available, patched, "{g:?}");
+        if !patched {
+            assert!(
+                g.reason
+                    == "KVM_SET_USER_MEMORY_REGION2(KVM_MEM_GUEST_MEMFD|KVM_MEM_USERFAULT) on guest-memfd memory = EINVAL"
+                    || g.reason.starts_with("KVM_CREATE_GUEST_MEMFD"),
+                "{g:?}"
+            );
+        }
+    }
+
+    /// userfaultfd works on anonymous and memfd memory wherever a userfaultfd can be created
+    /// at all; guest_memfd mappings refuse registration on kernels up to at least 7.3.
+    #[test]
+    fn userfaultfd_on_anon_and_memfd() {
+        if let Err(e) = Userfaultfd::new(0) {
+            eprintln!("skipping: no userfaultfd here ({e})");
+            return;
+        }
+        let probes = probe_trap_backends();
+        let anon = find(&probes, BackingKind::Anon, TrapBackend::Userfaultfd);
+        assert!(anon.available, "{anon:?}");
+        assert_eq!(anon.reason, "UFFDIO_REGISTER(anon mapping, MISSING) = 0");
+        let memfd = find(&probes, BackingKind::Memfd, TrapBackend::Userfaultfd);
+        assert!(memfd.available, "{memfd:?}");
+        assert_eq!(
+            memfd.reason,
+            "UFFDIO_REGISTER(memfd mapping, MISSING) = 0; UFFDIO_REGISTER(memfd mapping, MINOR) = 0"
+        );
+        let gmem = find(&probes, BackingKind::GuestMemfd, TrapBackend::Userfaultfd);
+        if Kvm::new().is_ok() && !gmem.available {
+            assert!(
+                gmem.reason
+                    .contains("UFFDIO_REGISTER(guest-memfd mapping, MISSING) = EINVAL")
+                    || gmem.reason.starts_with("KVM_CREATE_GUEST_MEMFD"),
+                "{gmem:?}"
+            );
+        }
+    }
+}

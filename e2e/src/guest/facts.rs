@@ -1,0 +1,71 @@
+//! Kernel facts the matrix records beside the trap-backend probe, each found by trying it:
+//! whether guest_memfd can be created mmap-able and initially shared, and whether a
+//! guest_memfd memslot accepts dirty logging (which pre-copy of guest_memfd VMs would need).
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use faultline::kvm_userfault::{KVM_MEM_LOG_DIRTY_PAGES, Memslot, flag_names};
+use faultline::probe::errno_name;
+
+use super::testvm::TestVm;
+use crate::report::Fact;
+
+const GMEM_FACT: &str = "guest_memfd with GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED";
+const DIRTY_FACT: &str = "dirty logging on a guest_memfd memslot";
+
+pub fn facts() -> Vec<Fact> {
+    let fact = |name: &str, r: Result<String, String>| {
+        let (available, reason) = match r {
+            Ok(reason) => (true, reason),
+            Err(reason) => (false, reason),
+        };
+        Fact {
+            name: name.into(),
+            available,
+            reason,
+        }
+    };
+    let vm = match TestVm::new() {
+        Ok(vm) => vm,
+        Err(e) => {
+            let why = format!("no test VM: {e:#}");
+            return vec![
+                fact(GMEM_FACT, Err(why.clone())),
+                fact(DIRTY_FACT, Err(why)),
+            ];
+        }
+    };
+    let gmem = vm.guest_memfd(2 << 20);
+    let (fd, map) = match gmem {
+        Ok(g) => g,
+        Err(e) => {
+            let why = format!("{e:#}");
+            return vec![
+                fact(GMEM_FACT, Err(why.clone())),
+                fact(DIRTY_FACT, Err(format!("no guest_memfd: {why}"))),
+            ];
+        }
+    };
+    let slot = Memslot {
+        slot: 1,
+        guest_phys_addr: 1 << 30,
+        memory_size: 2 << 20,
+        userspace_addr: map.as_ptr() as u64,
+        guest_memfd: Some((fd.as_fd().as_raw_fd() as u32, 0)),
+        log_dirty_pages: true,
+        userfault_bitmap: None,
+    };
+    debug_assert!(slot.flags() & KVM_MEM_LOG_DIRTY_PAGES != 0);
+    let what = format!("KVM_SET_USER_MEMORY_REGION2({})", flag_names(slot.flags()));
+    let dirty = match vm.set_memslot(&slot) {
+        Ok(()) => Ok(format!("{what} = 0")),
+        Err(e) => Err(format!("{what} = {}", errno_name(e))),
+    };
+    vec![
+        fact(
+            GMEM_FACT,
+            Ok("KVM_CREATE_GUEST_MEMFD(GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED) = fd; mmap = ok".into()),
+        ),
+        fact(DIRTY_FACT, dirty),
+    ]
+}

@@ -151,10 +151,28 @@ impl GuestMemory {
             .unwrap_or(0)
     }
 
-    /// Copies `buf.len() / 4096` pages starting at `page` (all in one region) into `buf`.
-    pub fn read(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
-        let count = (buf.len() / PAGE) as u64;
-        let (v, offset) = self.locate(page, count)?;
+    /// Finds the region holding `[gpa, gpa + len)` and the offset of `gpa` in it.
+    fn locate_gpa(&self, gpa: u64, len: usize) -> Result<(&RegionView, u64), GuestMemoryError> {
+        let out = || GuestMemoryError::OutOfRange {
+            page: gpa / PAGE_SIZE,
+            total: self.total_pages,
+        };
+        let v = self
+            .regions
+            .iter()
+            .find(|v| v.region.contains_gpa(gpa))
+            .ok_or_else(out)?;
+        let offset = gpa - v.region.guest_phys_addr;
+        if offset + len as u64 > v.region.size {
+            return Err(out());
+        }
+        Ok((v, offset))
+    }
+
+    /// Copies `buf.len()` bytes at guest-physical `gpa` (within one region) into `buf`.
+    pub fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        let (v, offset) = self.locate_gpa(gpa, buf.len())?;
+        let page = gpa / PAGE_SIZE;
         match &v.access {
             Access::Mapped(m) => m.read(offset, buf).map_err(|e| GuestMemoryError::Map {
                 index: 0,
@@ -190,13 +208,13 @@ impl GuestMemory {
         }
     }
 
-    /// Copies `data` (whole pages, one region) into guest memory at `page`. On anonymous
-    /// memory this goes through the VMM's `/proc/self/mem`, which faults the page in if it is
-    /// absent: never use it on missing pages registered with userfaultfd (it would wait for
-    /// its own fault).
-    pub fn write(&self, page: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
-        let count = (data.len() / PAGE) as u64;
-        let (v, offset) = self.locate(page, count)?;
+    /// Copies `data` to guest-physical `gpa` (within one region). On anonymous memory this
+    /// goes through the VMM's `/proc/self/mem`, which faults the page in if it is absent:
+    /// never use it on missing pages registered with userfaultfd (it would wait for its own
+    /// fault).
+    pub fn write_at(&self, gpa: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
+        let (v, offset) = self.locate_gpa(gpa, data.len())?;
+        let page = gpa / PAGE_SIZE;
         match &v.access {
             Access::Mapped(m) => m.write(offset, data).map_err(|e| GuestMemoryError::Map {
                 index: 0,
@@ -222,6 +240,31 @@ impl GuestMemory {
                 Ok(())
             }
         }
+    }
+
+    /// Reads the little-endian u64 at guest-physical `gpa`.
+    pub fn read_u64_at(&self, gpa: u64) -> Result<u64, GuestMemoryError> {
+        let mut b = [0u8; 8];
+        self.read_at(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn gpa(&self, page: u64, count: u64) -> Result<u64, GuestMemoryError> {
+        let (v, offset) = self.locate(page, count)?;
+        Ok(v.region.guest_phys_addr + offset)
+    }
+
+    /// Copies `buf.len() / 4096` pages starting at `page` (all in one region) into `buf`.
+    pub fn read(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        let gpa = self.gpa(page, (buf.len() / PAGE) as u64)?;
+        self.read_at(gpa, buf)
+    }
+
+    /// Copies `data` (whole pages, one region) into guest memory at `page`; see
+    /// [`GuestMemory::write_at`] about anonymous memory.
+    pub fn write(&self, page: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
+        let gpa = self.gpa(page, (data.len() / PAGE) as u64)?;
+        self.write_at(gpa, data)
     }
 
     /// The VMM's address of `page` (where userfaultfd reports and resolves it).

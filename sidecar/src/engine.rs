@@ -80,7 +80,7 @@ pub fn start(
         };
     }
     let vm = sidecar
-        .vm()
+        .refresh_vm()
         .map_err(|e| StartError::NotReady(format!("not joined to the VMM: {e}")))?;
     match req.role {
         Role::Source if vm.incoming || vm.state != VmState::Running => {

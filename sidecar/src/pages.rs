@@ -170,3 +170,12 @@ impl<'a> PageSender<'a> {
         })
     }
 }
+
+/// Lowers the calling thread's CPU priority (nice 10) for bulk work, so that on a busy host
+/// the threads serving faults run first: a vCPU is waiting on those, nobody on the bulk.
+pub fn deprioritize_this_thread() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
+        tracing::debug!("cannot lower the bulk thread's priority: {e}");
+    }
+}

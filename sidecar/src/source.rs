@@ -320,11 +320,13 @@ impl Source<'_> {
         m.set_phase(Phase::SwitchOver, "pausing the source VM");
         let paused_at = Instant::now();
         self.vmm.pause().context("cannot pause the source VM")?;
+        let t_paused = paused_at.elapsed();
         if logging {
             let last = self.vmm.dirty_log_collect().context("final dirty log")?;
             pending.union_with(&last);
             let _ = self.vmm.dirty_log_stop();
         }
+        let t_collected = paused_at.elapsed();
         let invalid = match switch {
             Switch::StopAndCopy => {
                 let pages: Vec<u64> = pending.iter_set().collect();
@@ -338,10 +340,12 @@ impl Source<'_> {
             }
             Switch::PostCopy => pending,
         };
+        let t_sent = paused_at.elapsed();
         let (_, state) = self
             .vmm
             .save_state()
             .context("cannot save the source VM's state")?;
+        let t_saved = paused_at.elapsed();
         SwitchOver {
             invalid: invalid.clone(),
             state,
@@ -351,6 +355,7 @@ impl Source<'_> {
             Control::Prepared => {}
             other => return Err(Stop::failed(format!("expected prepared, got {other:?}"))),
         }
+        let t_prepared = paused_at.elapsed();
         if m.cancelled() {
             return Err(Stop::Cancelled(
                 "cancelled by request before the commit point".into(),
@@ -366,6 +371,15 @@ impl Source<'_> {
             other => return Err(Stop::failed(format!("expected resumed, got {other:?}"))),
         }
         let downtime = paused_at.elapsed();
+        tracing::info!(
+            pause_us = t_paused.as_micros() as u64,
+            collect_us = (t_collected - t_paused).as_micros() as u64,
+            final_pages_us = (t_sent - t_collected).as_micros() as u64,
+            save_us = (t_saved - t_sent).as_micros() as u64,
+            prepare_us = (t_prepared - t_saved).as_micros() as u64,
+            commit_us = (downtime - t_prepared).as_micros() as u64,
+            "switch-over timings"
+        );
         m.counters.set_downtime(downtime);
         self.sidecar.metrics.downtime.set(downtime.as_secs_f64());
         tracing::info!(downtime_ms = downtime.as_secs_f64() * 1e3, "target resumed");
@@ -428,6 +442,7 @@ impl Source<'_> {
                 .spawn(move || serve_faults(urgent, &mem, total, &needed, &hint, &stop))
                 .context("cannot start the fault server")?
         };
+        crate::pages::deprioritize_this_thread();
         let mut sender = PageSender::new(&self.mem);
         let mut pacer = Pacer::new(m.policy.bandwidth_limit);
         let mut cursor = 0u64;

@@ -70,6 +70,16 @@ impl Sidecar {
         })
     }
 
+    /// Asks the VMM now (rather than trusting the last periodic look) and updates the cache.
+    pub fn refresh_vm(&self) -> Result<HelloReply, String> {
+        let hello = VmmClient::connect(&self.vmm_socket)
+            .and_then(|mut c| c.hello(concat!("faultline-sidecar/", env!("CARGO_PKG_VERSION"))))
+            .map(|(h, _fds)| h)
+            .map_err(|e| e.to_string());
+        self.set_vm(hello.clone());
+        hello
+    }
+
     fn set_vm(&self, hello: Result<HelloReply, String>) {
         let connected = hello.is_ok();
         match hello {

@@ -241,6 +241,18 @@ impl Target<'_> {
         let trap = uffd.as_ref().map(|_| TrapBackend::Userfaultfd);
         m.set_trap(trap);
         let installer = Arc::new(Installer::new(mem, uffd));
+        if precopy
+            && !self
+                .hello
+                .layout
+                .regions
+                .iter()
+                .all(|r| r.backing == faultline::layout::BackingKind::Anon)
+        {
+            installer
+                .start_preallocation()
+                .context("cannot start preallocating memory")?;
+        }
         Control::Ready { trap }.write(&mut writer)?;
 
         // Pre-copy: pages until the switch-over message.
@@ -295,22 +307,33 @@ impl Target<'_> {
         };
 
         m.set_phase(Phase::SwitchOver, "restoring the VM state");
+        let t0 = Instant::now();
         let discard = installer
             .switch_over(&switch.invalid)
             .context("switch-over")?;
+        let t1 = Instant::now();
         if !discard.is_empty() {
             self.vmm
                 .discard(&discard)
                 .context("the VMM could not drop stale pages")?;
         }
+        let t2 = Instant::now();
         self.vmm
             .restore_state(&switch.state)
             .context("the VMM refused the source's state")?;
+        let t3 = Instant::now();
         let valid = installer.states().valid_count();
         m.counters
             .remaining_pages
             .store(self.total - valid, Ordering::Relaxed);
         Control::Prepared.write(&mut writer)?;
+        tracing::info!(
+            invalid = switch.invalid.count(),
+            pages_us = (t1 - t0).as_micros() as u64,
+            discard_us = (t2 - t1).as_micros() as u64,
+            restore_us = (t3 - t2).as_micros() as u64,
+            "target prepared"
+        );
         match read_control(&mut reader, "commit")? {
             Control::Commit => {}
             other => return Err(Stop::failed(format!("expected commit, got {other:?}"))),
@@ -366,6 +389,7 @@ impl Target<'_> {
                     })
                     .context("cannot start the fault handler")?
             };
+            crate::pages::deprioritize_this_thread();
             let pushed = self.receive_push(installer, reader, &waiting);
             if pushed.is_err() {
                 done.store(true, Ordering::Release);

@@ -11,14 +11,10 @@ use faultline::vmm_protocol::messages::{VmState, VmStatus};
 use faultline::wire::Secret;
 
 fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping: /dev/kvm is not usable here ({e})");
+    match faultline::local::kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("skipping: {why}");
             false
         }
     }

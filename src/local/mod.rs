@@ -9,3 +9,13 @@ pub mod process;
 
 pub use client::{ClientError, SidecarClient};
 pub use process::{LocalError, SidecarProcess, VmmProcess, binary};
+
+/// Whether this process can use KVM; the error says why not (tests print it and skip).
+pub fn kvm_usable() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| ())
+        .map_err(|e| format!("/dev/kvm is not usable here ({e})"))
+}

@@ -15,7 +15,7 @@
 //! 1 GiB). With missing mode, valid pages simply sit in the file and the VMM maps them as it
 //! touches them, as any VMM does.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::bitmap::PageBitmap;
 use crate::guest_memory::{GuestMemory, GuestMemoryError};
@@ -53,15 +53,20 @@ pub enum InstallError {
     Uffd(#[from] UffdError),
     #[error("{0} pages are not valid at switch-over and there is no trap to fetch them")]
     InvalidWithoutTrap(u64),
+    #[error("preallocating target memory failed: {0}")]
+    Preallocation(String),
 }
 
 pub struct Installer {
-    mem: GuestMemory,
+    mem: Arc<GuestMemory>,
     uffd: Option<Userfaultfd>,
     states: PageStates,
     /// Pages holding pre-copied data in the target (written into the file, or created in the
     /// VMM's anonymous memory).
     populated: Mutex<PageBitmap>,
+    /// Allocating file-backed memory ahead of the pre-copy writes, off the receive path.
+    preallocation: Mutex<Option<std::thread::JoinHandle<Result<(), GuestMemoryError>>>>,
+    preallocated: std::sync::atomic::AtomicBool,
     zeros: Vec<u8>,
 }
 
@@ -69,12 +74,52 @@ impl Installer {
     pub fn new(mem: GuestMemory, uffd: Option<Userfaultfd>) -> Self {
         let pages = mem.total_pages();
         Self {
-            mem,
+            mem: Arc::new(mem),
             uffd,
             states: PageStates::new(pages),
             populated: Mutex::new(PageBitmap::new(pages)),
+            preallocation: Mutex::new(None),
+            preallocated: std::sync::atomic::AtomicBool::new(false),
             zeros: vec![0u8; 256 * PAGE],
         }
+    }
+
+    /// Starts allocating every page of the file-backed regions on another thread, so the
+    /// pre-copy writes land in allocated pages (on our machines allocating a shmem page while
+    /// writing it costs ~5 µs, in bulk ~1.7 µs, and writing an allocated one ~1 µs). Only for
+    /// migrations that pre-copy every page: at switch-over every page that is not valid is
+    /// punched out again so it faults.
+    pub fn start_preallocation(&self) -> std::io::Result<()> {
+        let mem = self.mem.clone();
+        self.preallocated
+            .store(true, std::sync::atomic::Ordering::Release);
+        let handle = std::thread::Builder::new()
+            .name("preallocate".into())
+            .spawn(move || {
+                let t = std::time::Instant::now();
+                let r = mem.allocate_all();
+                tracing::debug!(
+                    ms = t.elapsed().as_millis() as u64,
+                    "target memory preallocated"
+                );
+                r
+            })?;
+        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    fn finish_preallocation(&self) -> Result<(), InstallError> {
+        let handle = self
+            .preallocation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            h.join().map_err(|_| {
+                InstallError::Preallocation("the preallocation thread panicked".into())
+            })??;
+        }
+        Ok(())
     }
 
     pub fn trap(&self) -> TrapKind {
@@ -101,36 +146,64 @@ impl Installer {
         self.populated.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes a pre-copy batch (before switch-over; one thread).
+    /// Writes a pre-copy batch (before switch-over; one thread). Consecutive pages with data
+    /// that take the same path are written with one call.
     pub fn precopy_batch(&self, batch: &PagesBatch<'_>) -> Result<(), InstallError> {
         let mut populated = self.populated();
-        for (page, data) in batch.pages() {
-            let anon = self.mem.backing_of(page) == Some(BackingKind::Anon);
-            let was = populated.test(page);
-            match data {
-                Some(bytes) => {
-                    if anon
-                        && !was
-                        && let Some(uffd) = &self.uffd
-                    {
-                        uffd.copy(self.mem.host_addr(page)?, bytes)?;
-                    } else {
-                        self.mem.write(page, bytes)?;
-                    }
-                    populated.set(page);
-                }
-                None if was => {
+        // (page, offset of its data in the batch) for every entry; zero pages have no data.
+        let mut offset = 0usize;
+        let entries: Vec<(u64, Option<usize>)> = batch
+            .entries
+            .iter()
+            .map(|e| {
+                let at = (!e.zero).then_some(offset);
+                offset += if e.zero { 0 } else { PAGE };
+                (e.page, at)
+            })
+            .collect();
+        let copies = |p: u64, populated: &PageBitmap| {
+            self.uffd.is_some()
+                && !populated.test(p)
+                && self.mem.backing_of(p) == Some(BackingKind::Anon)
+        };
+        let mut i = 0;
+        while i < entries.len() {
+            let (page, at) = entries[i];
+            let Some(at) = at else {
+                let anon = self.mem.backing_of(page) == Some(BackingKind::Anon);
+                if populated.test(page) {
                     // Was data, is zero now.
                     self.mem.write(page, &self.zeros[..PAGE])?;
+                } else if anon && let Some(uffd) = &self.uffd {
+                    // Zero and never written: anonymous memory under the trap needs the zero
+                    // page mapped or it would fault; fresh files already read as zero.
+                    uffd.zeropage(self.mem.host_addr(page)?, PAGE_SIZE)?;
+                    populated.set(page);
                 }
-                None => {
-                    // Zero and never written: the target's fresh memory already reads as zero.
-                    if anon && let Some(uffd) = &self.uffd {
-                        uffd.zeropage(self.mem.host_addr(page)?, PAGE_SIZE)?;
-                        populated.set(page);
-                    }
-                }
+                i += 1;
+                continue;
+            };
+            // Anonymous pages seen for the first time can only be created with UFFDIO_COPY;
+            // everything else is written.
+            let copy = copies(page, &populated);
+            let limit = self.mem.contiguous_from(page);
+            let mut n = 1usize;
+            while i + n < entries.len()
+                && (n as u64) < limit
+                && entries[i + n] == (page + n as u64, Some(at + n * PAGE))
+                && copies(page + n as u64, &populated) == copy
+            {
+                n += 1;
             }
+            let run = &batch.data[at..at + n * PAGE];
+            match &self.uffd {
+                Some(uffd) if copy => uffd.copy(self.mem.host_addr(page)?, run)?,
+                _ => self.mem.write(page, run)?,
+            }
+            for k in 0..n as u64 {
+                populated.set(page + k);
+            }
+            i += n;
         }
         Ok(())
     }
@@ -143,15 +216,19 @@ impl Installer {
         if self.uffd.is_none() && !invalid.is_empty() {
             return Err(InstallError::InvalidWithoutTrap(invalid.count()));
         }
+        // A page allocated by preallocation but not valid must be punched like a stale one.
+        self.finish_preallocation()?;
+        let preallocated = self.preallocated.load(std::sync::atomic::Ordering::Acquire);
         let populated = self.populated();
         let mut discard = PageBitmap::new(pages);
         let mut punch = PageBitmap::new(pages);
         for p in 0..pages {
             if !invalid.test(p) {
                 self.states.set_valid(p);
-            } else if populated.test(p) {
+            } else if populated.test(p) || preallocated {
                 match self.mem.backing_of(p) {
-                    Some(BackingKind::Anon) => discard.set(p),
+                    Some(BackingKind::Anon) if populated.test(p) => discard.set(p),
+                    Some(BackingKind::Anon) => {}
                     _ => punch.set(p),
                 }
             }

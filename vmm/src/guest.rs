@@ -61,6 +61,69 @@ impl MemtouchArgs {
     }
 }
 
+/// Where memtouch keeps things in a VM of `ram` bytes (mirrors the set-up code of
+/// guest/memtouch.S).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemtouchLayout {
+    /// Guest-physical address of the generation table (one u32 per usable page).
+    pub table: u64,
+    /// Guest-physical address of the first data page.
+    pub data: u64,
+    /// Pages of the working set.
+    pub working_set: u64,
+}
+
+impl MemtouchArgs {
+    pub fn layout(&self, ram: u64) -> MemtouchLayout {
+        let base = crate::boot::FREE_ADDR;
+        let total = (ram - base) >> 12;
+        let table_pages = total.div_ceil(1024);
+        let usable = total - table_pages;
+        MemtouchLayout {
+            table: base,
+            data: base + table_pages * 4096,
+            working_set: usable * self.working_set_permille / 1000,
+        }
+    }
+
+    /// Writes generation 1 into every working-set page, exactly as memtouch itself would on
+    /// first writing them, so that a benchmark's guest memory holds data from the start.
+    /// `write(gpa, bytes)` stores bytes into guest memory.
+    pub fn prefill(
+        &self,
+        ram: u64,
+        mut write: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        const CHUNK: u64 = 256;
+        let l = self.layout(ram);
+        let table: Vec<u8> = 1u32.to_le_bytes().repeat(l.working_set as usize);
+        write(l.table, &table)?;
+        let mut buf = vec![0u8; (CHUNK * 4096) as usize];
+        let mut first = 0;
+        while first < l.working_set {
+            let n = CHUNK.min(l.working_set - first);
+            for k in 0..n {
+                let gpa = l.data + (first + k) * 4096;
+                let v = ((gpa >> 12) << 32) | 1;
+                let page = &mut buf[(k * 4096) as usize..((k + 1) * 4096) as usize];
+                let words: Vec<u64> = if self.full_verify {
+                    (0..512).collect()
+                } else {
+                    vec![0, 256, 511]
+                };
+                page.fill(0);
+                for w in words {
+                    let at = (w * 8) as usize;
+                    page[at..at + 8].copy_from_slice(&(v + w).to_le_bytes());
+                }
+            }
+            write(l.data + first * 4096, &buf[..(n * 4096) as usize])?;
+            first += n;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +133,25 @@ mod tests {
         assert!(MEMTOUCH.len() > 64 && MEMTOUCH.len() < 4096);
         // The program starts by checking its argument count: `cmp r9, 6`.
         assert_eq!(&MEMTOUCH[..4], &[0x49, 0x83, 0xf9, 0x06]);
+    }
+
+    #[test]
+    fn layout_matches_the_guest() {
+        let a = MemtouchArgs::preset(DirtyRate::Moderate);
+        let l = a.layout(64 << 20);
+        // (64 MiB - 2 MiB) / 4 KiB = 15872 pages; 16 table pages; 15856 usable.
+        assert_eq!(l.table, 0x20_0000);
+        assert_eq!(l.data, 0x20_0000 + 16 * 4096);
+        assert_eq!(l.working_set, 15856);
+        let mut written = Vec::new();
+        a.prefill(64 << 20, |gpa, b| {
+            written.push((gpa, b.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(written[0], (l.table, 15856 * 4));
+        let pages: usize = written[1..].iter().map(|(_, n)| n / 4096).sum();
+        assert_eq!(pages, 15856);
     }
 
     #[test]

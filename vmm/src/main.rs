@@ -59,6 +59,10 @@ struct Cli {
     /// memtouch: verify and write every word of a page instead of three.
     #[arg(long)]
     full_verify: bool,
+    /// memtouch: give every working-set page data (generation 1) before the guest starts, as
+    /// memtouch would write it, so memory holds data at once (for benchmarks).
+    #[arg(long)]
+    prefill: bool,
     /// memtouch: seed of the page picker.
     #[arg(long)]
     seed: Option<u64>,
@@ -144,7 +148,7 @@ fn main() {
     }
 }
 
-fn program_and_args(cli: &Cli) -> anyhow::Result<(Vec<u8>, Vec<u64>)> {
+fn program_and_args(cli: &Cli) -> anyhow::Result<(Vec<u8>, Vec<u64>, Option<MemtouchArgs>)> {
     if cli.guest == "memtouch" {
         let mut args = MemtouchArgs::preset(cli.dirty_rate);
         if let Some(ws) = cli.working_set {
@@ -160,16 +164,19 @@ fn program_and_args(cli: &Cli) -> anyhow::Result<(Vec<u8>, Vec<u64>)> {
         if !cli.guest_args.is_empty() {
             bail!("--guest-arg is for --guest FILE programs; memtouch takes its own options");
         }
-        Ok((guest::MEMTOUCH.to_vec(), args.to_args()))
+        Ok((guest::MEMTOUCH.to_vec(), args.to_args(), Some(args)))
     } else {
+        if cli.prefill {
+            bail!("--prefill is a memtouch option");
+        }
         let program = std::fs::read(&cli.guest)
             .with_context(|| format!("cannot read guest program {}", cli.guest))?;
-        Ok((program, cli.guest_args.clone()))
+        Ok((program, cli.guest_args.clone(), None))
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let (program, args) = program_and_args(&cli)?;
+    let (program, args, memtouch) = program_and_args(&cli)?;
     let id = cli.vm_id.clone().unwrap_or_else(|| {
         let host = rustix::system::uname()
             .nodename()
@@ -207,6 +214,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Some(listener) = listener {
         control::serve(listener, vm.clone(), cli.control_frame_timeout)
             .context("cannot start the control server")?;
+    }
+    if let Some(mt) = memtouch.filter(|_| cli.prefill && !cli.incoming) {
+        let started = Instant::now();
+        mt.prefill(cli.memory, |gpa, bytes| vm.memory().write(gpa, bytes))
+            .context("prefilling guest memory")?;
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            "memory prefilled"
+        );
     }
     if !cli.incoming {
         vm.start();

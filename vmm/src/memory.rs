@@ -206,6 +206,23 @@ impl GuestMemory {
         }
     }
 
+    /// Writes `data` at guest-physical `gpa` from the VMM side: pwrite for memfd (no page
+    /// tables of ours to fill), the mapping otherwise.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+        match self.backing {
+            BackingKind::Memfd => {
+                let mut done = 0;
+                while done < data.len() {
+                    done += rustix::io::pwrite(&self.fd, &data[done..], gpa + done as u64)?;
+                }
+                Ok(())
+            }
+            BackingKind::Anon | BackingKind::GuestMemfd => {
+                self.mapping.write(gpa, data).map_err(std::io::Error::other)
+            }
+        }
+    }
+
     /// Drops `len` bytes of RAM at `offset` so they read as missing (zero, or a userfaultfd
     /// fault when registered): MADV_DONTNEED for anonymous memory, a punched hole in the file
     /// otherwise.

@@ -250,6 +250,10 @@ impl Vm {
         self.control.wait_for_change(timeout);
     }
 
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
     pub fn hello(&self) -> (HelloReply, Vec<BorrowedFd<'_>>) {
         let ops = self.ops();
         let reply = HelloReply {

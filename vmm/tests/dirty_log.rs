@@ -14,9 +14,9 @@ const RAM: u64 = 64 << 20;
 /// although their contents do not change.
 const STACKS: std::ops::Range<u64> = (0x8_0000 / 4096)..(0x10_0000 / 4096);
 
-fn snapshot(mem: &RemoteMemory) -> Vec<u8> {
+fn snapshot(mem: &TestMemory) -> Vec<u8> {
     let mut all = vec![0u8; RAM as usize];
-    mem.read(0, &mut all);
+    mem.read_at(0, &mut all);
     all
 }
 
@@ -34,7 +34,7 @@ fn changed_pages(a: &[u8], b: &[u8]) -> PageBitmap {
 /// actually changed in memory.
 fn check_window(
     c: &mut faultline::vmm_protocol::VmmClient,
-    mem: &RemoteMemory,
+    mem: &TestMemory,
 ) -> (PageBitmap, PageBitmap) {
     c.pause().expect("pause");
     c.dirty_log_collect().expect("collect to reset");
@@ -61,7 +61,7 @@ fn dirty_log_matches_writes(backing: &str) {
     if !kvm_available() {
         return;
     }
-    let vmm = Vmm::start(
+    let mut vmm = start(
         &format!("dirty-{backing}"),
         &[
             "--memory",
@@ -74,13 +74,13 @@ fn dirty_log_matches_writes(backing: &str) {
             "0.25",
         ],
     );
-    let mut c = vmm.client();
+    let mut c = client(&vmm);
     let (hello, fds) = c.hello("test").expect("hello");
     let cap = hello
         .capability("dirty-log")
         .expect("dirty-log capability listed")
         .clone();
-    let mem = RemoteMemory::open(&hello, fds);
+    let mem = memory(&hello, fds);
     let started = c.dirty_log_start();
     if !cap.available {
         let refusal = started.expect_err("start must fail when unavailable");
@@ -110,7 +110,7 @@ fn dirty_log_matches_writes(backing: &str) {
     c.dirty_log_start().expect("restart");
     check_window(&mut c, &mem);
     drop(c);
-    let (last, _) = vmm.shutdown();
+    let (last, _) = vmm.shutdown().expect("shutdown");
     assert_eq!(last.failures, 0);
 }
 
@@ -137,7 +137,7 @@ fn read_only_guest_dirties_nothing() {
     if !kvm_available() {
         return;
     }
-    let vmm = Vmm::start(
+    let vmm = start(
         "dirty-ro",
         &[
             "--memory",
@@ -150,9 +150,9 @@ fn read_only_guest_dirties_nothing() {
             "0",
         ],
     );
-    let mut c = vmm.client();
+    let mut c = client(&vmm);
     let (hello, fds) = c.hello("test").expect("hello");
-    let mem = RemoteMemory::open(&hello, fds);
+    let mem = memory(&hello, fds);
     // Past start-up, so the stack already holds its return addresses.
     wait_status(&mut c, Duration::from_secs(20), |s| s.heartbeats[0] > 1);
     c.dirty_log_start().expect("start");

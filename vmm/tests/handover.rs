@@ -18,12 +18,12 @@ fn handover(backing: &str, vcpus: u32) {
     }
     let n = vcpus.to_string();
     let common_args = ["--memory", RAM, "--vcpus", &n, "--backing", backing];
-    let a = Vmm::start(&format!("ho-src-{backing}-{vcpus}"), &common_args);
+    let mut a = start(&format!("ho-src-{backing}-{vcpus}"), &common_args);
     let mut b_args = common_args.to_vec();
     b_args.push("--incoming");
-    let b = Vmm::start(&format!("ho-dst-{backing}-{vcpus}"), &b_args);
-    let mut ca = a.client();
-    let mut cb = b.client();
+    let mut b = start(&format!("ho-dst-{backing}-{vcpus}"), &b_args);
+    let mut ca = client(&a);
+    let mut cb = client(&b);
 
     // Let A run until every vCPU has verified its whole share at least once.
     let before = wait_status(&mut ca, Duration::from_secs(60), |s| {
@@ -50,12 +50,12 @@ fn handover(backing: &str, vcpus: u32) {
     assert_eq!(info.bytes as usize, blob.len());
     let at_pause = ca.status().expect("status A");
 
-    let mem_a = RemoteMemory::open(&hello_a, fds_a);
-    let mem_b = RemoteMemory::open(&hello_b, fds_b);
+    let mem_a = memory(&hello_a, fds_a);
+    let mem_b = memory(&hello_b, fds_b);
     let mut page = vec![0u8; 1 << 20];
     for gpa in (0..RAM_BYTES).step_by(page.len()) {
-        mem_a.read(gpa, &mut page);
-        mem_b.write(gpa, &page);
+        mem_a.read_at(gpa, &mut page);
+        mem_b.write_at(gpa, &page);
     }
     assert_eq!(cb.restore_state(&blob).expect("restore B"), VmState::Paused);
     // Source commits: from here on it must never run again.
@@ -95,9 +95,9 @@ fn handover(backing: &str, vcpus: u32) {
         "guest found damage after the hand-over: {after:?}"
     );
     drop((ca, cb));
-    let (final_a, _) = a.shutdown();
+    let (final_a, _) = a.shutdown().expect("shutdown");
     assert_eq!(final_a.state, VmState::Fenced);
-    let (final_b, code) = b.shutdown();
+    let (final_b, code) = b.shutdown().expect("shutdown");
     assert_eq!(final_b.failures, 0);
     assert_eq!(code, 0);
 }
@@ -135,11 +135,11 @@ fn handover_without_memory_is_detected() {
         return;
     }
     let args = ["--memory", "64M", "--vcpus", "1", "--backing", "memfd"];
-    let a = Vmm::start("ho-nomem-src", &args);
+    let a = start("ho-nomem-src", &args);
     let mut b_args = args.to_vec();
     b_args.push("--incoming");
-    let b = Vmm::start("ho-nomem-dst", &b_args);
-    let (mut ca, mut cb) = (a.client(), b.client());
+    let b = start("ho-nomem-dst", &b_args);
+    let (mut ca, mut cb) = (client(&a), client(&b));
     wait_status(&mut ca, Duration::from_secs(30), |s| {
         s.vcpu_status[0].status_word >= 1
     });
@@ -149,13 +149,10 @@ fn handover_without_memory_is_detected() {
     let (_, blob) = ca.save_state().expect("save");
     // Copy everything except memtouch's data pages: program, page tables, generation table.
     let layout = memtouch_layout(64 << 20);
-    let (mem_a, mem_b) = (
-        RemoteMemory::open(&hello_a, fds_a),
-        RemoteMemory::open(&hello_b, fds_b),
-    );
+    let (mem_a, mem_b) = (memory(&hello_a, fds_a), memory(&hello_b, fds_b));
     let mut buf = vec![0u8; layout.data as usize];
-    mem_a.read(0, &mut buf);
-    mem_b.write(0, &buf);
+    mem_a.read_at(0, &mut buf);
+    mem_b.write_at(0, &buf);
     cb.restore_state(&blob).expect("restore");
     cb.resume().expect("resume");
     let s = wait_status(&mut cb, Duration::from_secs(30), |s| s.failures > 0);

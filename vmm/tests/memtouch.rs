@@ -15,11 +15,11 @@ fn runs_clean(backing: &str, vcpus: u32) {
         return;
     }
     let n = vcpus.to_string();
-    let vmm = Vmm::start(
+    let mut vmm = start(
         &format!("run-{backing}-{vcpus}"),
         &["--memory", "128M", "--vcpus", &n, "--backing", backing],
     );
-    let mut c = vmm.client();
+    let mut c = client(&vmm);
     let first = wait_status(&mut c, Duration::from_secs(30), |s| {
         s.heartbeats.iter().all(|&h| h > 0)
     });
@@ -45,7 +45,7 @@ fn runs_clean(backing: &str, vcpus: u32) {
     );
     assert_eq!(second.state, VmState::Running);
     drop(c);
-    let (last, code) = vmm.shutdown();
+    let (last, code) = vmm.shutdown().expect("shutdown");
     assert_eq!(last.failures, 0, "guest reported failures: {last:?}");
     assert!(last.failed_pages.is_empty());
     assert_eq!(last.heartbeats.len(), vcpus as usize);
@@ -132,10 +132,10 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
     if full_verify {
         args.push("--full-verify");
     }
-    let vmm = Vmm::start(&format!("corrupt-{backing}-{full_verify}"), &args);
-    let mut c = vmm.client();
+    let mut vmm = start(&format!("corrupt-{backing}-{full_verify}"), &args);
+    let mut c = client(&vmm);
     let (hello, fds) = c.hello("test").expect("hello");
-    let mem = RemoteMemory::open(&hello, fds);
+    let mem = memory(&hello, fds);
     // Let memtouch write part of its working set, then stop it.
     wait_status(&mut c, Duration::from_secs(30), |s| {
         s.vcpu_status[0].status_word >= 2
@@ -148,7 +148,7 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
     let mut zero = None;
     for i in 0..ws_pages {
         let gpa = layout.data + i * 4096;
-        let gen_nonzero = mem.read_u64(layout.table + i * 4) & 0xFFFF_FFFF != 0;
+        let gen_nonzero = mem.read_u64_at(layout.table + i * 4) & 0xFFFF_FFFF != 0;
         if gen_nonzero && written.is_none() {
             written = Some(gpa);
         }
@@ -161,8 +161,8 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
     targets.extend(zero);
     for &gpa in &targets {
         let mut b = [0u8; 1];
-        mem.read(gpa + offset_in_page, &mut b);
-        mem.write(gpa + offset_in_page, &[b[0] ^ 0x40]);
+        mem.read_at(gpa + offset_in_page, &mut b);
+        mem.write_at(gpa + offset_in_page, &[b[0] ^ 0x40]);
     }
     let before = c.status().expect("status").failures;
     assert_eq!(before, 0);
@@ -187,7 +187,7 @@ fn corruption_is_reported(backing: &str, full_verify: bool, offset_in_page: u64)
         "reported more than once: {s:?}"
     );
     drop(c);
-    let (last, code) = vmm.shutdown();
+    let (last, code) = vmm.shutdown().expect("shutdown");
     assert_eq!(last.failures, targets.len() as u64);
     assert_eq!(code, 1, "a guest failure makes the VMM exit non-zero");
 }

@@ -15,10 +15,10 @@ use faultline::vmm_protocol::conn::Connection;
 use faultline::vmm_protocol::frame::{FrameHeader, FrameKind};
 use faultline::vmm_protocol::messages::{ErrorCode, ErrorReply, Request, VmState};
 
-fn start(tag: &str, extra: &[&str]) -> Vmm {
+fn start_vmm(tag: &str, extra: &[&str]) -> faultline::local::VmmProcess {
     let mut args = vec!["--memory", "64M", "--control-frame-timeout", "300ms"];
     args.extend_from_slice(extra);
-    Vmm::start(tag, &args)
+    start(tag, &args)
 }
 
 /// Reads one frame and expects an error reply with `code`.
@@ -45,8 +45,8 @@ fn expect_closed(conn: &Connection) {
 }
 
 /// The VMM still answers, its guest still runs and has found nothing wrong.
-fn assert_healthy(vmm: &Vmm) {
-    let mut c = vmm.client();
+fn assert_healthy(vmm: &faultline::local::VmmProcess) {
+    let mut c = client(vmm);
     let a = c.status().expect("status after abuse");
     let b = wait_status(&mut c, Duration::from_secs(20), |s| {
         s.heartbeats[0] > a.heartbeats[0]
@@ -58,7 +58,7 @@ fn assert_healthy(vmm: &Vmm) {
     assert_eq!(b.failures, 0);
 }
 
-fn raw(vmm: &Vmm) -> Connection {
+fn raw(vmm: &faultline::local::VmmProcess) -> Connection {
     Connection::new(UnixStream::connect(&vmm.socket).expect("connect"))
 }
 
@@ -72,7 +72,7 @@ fn framing_abuse() {
     if !kvm_available() {
         return;
     }
-    let vmm = start("abuse-frames", &[]);
+    let vmm = start_vmm("abuse-frames", &[]);
 
     // Garbage bytes: bad magic, error reply, connection closed.
     let mut c = raw(&vmm);
@@ -140,7 +140,7 @@ fn request_abuse() {
     if !kvm_available() {
         return;
     }
-    let vmm = start("abuse-requests", &[]);
+    let mut vmm = start_vmm("abuse-requests", &[]);
     let mut c = raw(&vmm);
     for (json, code) in [
         (&b"not json"[..], ErrorCode::BadRequest),
@@ -159,7 +159,7 @@ fn request_abuse() {
     expect_error(&mut c, ErrorCode::BadRequest);
     // Out of order: restore outside incoming mode, save while running, fence while running,
     // collect before start.
-    let mut client = vmm.client();
+    let mut client = client(&vmm);
     for (req, code) in [
         (Request::RestoreState, ErrorCode::InvalidState),
         (Request::SaveState, ErrorCode::InvalidState),
@@ -171,7 +171,7 @@ fn request_abuse() {
     }
     assert_healthy(&vmm);
     drop((c, client));
-    let (last, code) = vmm.shutdown();
+    let (last, code) = vmm.shutdown().expect("shutdown");
     assert_eq!(last.failures, 0);
     assert_eq!(code, 0);
 }
@@ -182,10 +182,10 @@ fn bad_state_blobs_are_refused_and_harmless() {
     if !kvm_available() {
         return;
     }
-    let src = start("abuse-src", &[]);
-    let dst = start("abuse-dst", &["--incoming"]);
-    let mut cs = src.client();
-    let mut cd: VmmClient = dst.client();
+    let src = start_vmm("abuse-src", &[]);
+    let dst = start_vmm("abuse-dst", &["--incoming"]);
+    let mut cs = client(&src);
+    let mut cd: VmmClient = client(&dst);
     wait_status(&mut cs, Duration::from_secs(20), |s| s.heartbeats[0] > 2);
     cs.pause().expect("pause");
     let (_, blob) = cs.save_state().expect("save");
@@ -212,8 +212,8 @@ fn bad_state_blobs_are_refused_and_harmless() {
         assert_eq!(cd.status().expect("status").state, VmState::Incoming);
     }
     // A blob for a different vCPU count.
-    let other = start("abuse-other", &["--vcpus", "2"]);
-    let mut co = other.client();
+    let other = start_vmm("abuse-other", &["--vcpus", "2"]);
+    let mut co = client(&other);
     co.pause().expect("pause");
     let (_, two) = co.save_state().expect("save");
     let e = cd
@@ -224,10 +224,10 @@ fn bad_state_blobs_are_refused_and_harmless() {
     // The memory copy and a good blob still work.
     let (ha, fa) = cs.hello("t").expect("hello");
     let (hb, fb) = cd.hello("t").expect("hello");
-    let (ma, mb) = (RemoteMemory::open(&ha, fa), RemoteMemory::open(&hb, fb));
+    let (ma, mb) = (memory(&ha, fa), memory(&hb, fb));
     let mut buf = vec![0u8; ma.size() as usize];
-    ma.read(0, &mut buf);
-    mb.write(0, &buf);
+    ma.read_at(0, &mut buf);
+    mb.write_at(0, &buf);
     cd.restore_state(&blob).expect("good blob after bad ones");
     let e = cd.restore_state(&blob).expect_err("second restore");
     assert_eq!(e.refusal().map(|r| r.code), Some(ErrorCode::InvalidState));

@@ -1,0 +1,277 @@
+//! `faultline bench`: measures the floors and then Faultline itself, in one run, and reports
+//! every figure with its ratio to the floor it should be compared with (a noisy machine moves
+//! both together). JSON with `--json`.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::demo::{self, DemoArgs, DirtyRate, ModeArg, Report};
+use crate::floors::{self, Floors};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// A reduced set (256 MiB guests, three migrations) that runs in under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Backing of the guests' memory.
+    #[arg(long, default_value = "memfd")]
+    pub backing: String,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Target {
+    pub name: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
+    /// What the value is compared with, in the same unit.
+    pub reference: f64,
+    pub reference_is: &'static str,
+    pub ratio: f64,
+    /// The ratio the issue asks for, and whether it is an upper or lower bound.
+    pub limit: f64,
+    pub bound: &'static str,
+    pub met: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct BenchReport {
+    pub command: String,
+    pub quick: bool,
+    pub host: Host,
+    pub floors: Floors,
+    pub runs: Vec<Report>,
+    pub targets: Vec<Target>,
+    pub duration_s: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Host {
+    pub cpus: usize,
+    pub kernel: String,
+}
+
+fn host() -> Host {
+    let uname = rustix::system::uname();
+    Host {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        kernel: uname.release().to_string_lossy().into_owned(),
+    }
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let say = |m: &str| {
+        if !args.json {
+            eprintln!("{m}");
+        }
+    };
+    say(
+        "measuring floors: loopback TCP bandwidth and 4 KiB round trip, a vCPU's userfaultfd fault, a KVM exit …",
+    );
+    let floors = floors::measure(args.quick)?;
+    let memory: u64 = if args.quick { 256 << 20 } else { 1 << 30 };
+    let plan: Vec<(ModeArg, DirtyRate, u32)> = if args.quick {
+        vec![
+            (ModeArg::Postcopy, DirtyRate::Idle, 0),
+            (ModeArg::Precopy, DirtyRate::Idle, 8),
+            (ModeArg::Hybrid, DirtyRate::Heavy, 8),
+        ]
+    } else {
+        let mut p = Vec::new();
+        for rate in [DirtyRate::Idle, DirtyRate::Heavy] {
+            p.push((ModeArg::Precopy, rate, 8));
+            p.push((ModeArg::Postcopy, rate, 0));
+            p.push((ModeArg::Hybrid, rate, 8));
+        }
+        p
+    };
+    let mut runs = Vec::new();
+    for (mode, rate, passes) in plan {
+        say(&format!(
+            "migrating a {} guest, {mode:?}, {rate:?} dirty rate …",
+            faultline::units::format_size(memory)
+        ));
+        let demo_args = DemoArgs {
+            memory,
+            vcpus: 2,
+            backing: args.backing.clone(),
+            mode,
+            dirty_rate: rate,
+            precopy_passes: Some(passes),
+            max_downtime_ms: 300,
+            prefill: true,
+            warmup: Duration::from_millis(500),
+            verify_for: Duration::from_secs(3),
+            json: true,
+        };
+        let report = demo::migrate(&demo_args, false)?;
+        if report.result != "succeeded" || !report.guest.ok {
+            anyhow::bail!(
+                "benchmark migration failed: {}",
+                serde_json::to_string(&report)?
+            );
+        }
+        runs.push(report);
+    }
+    let targets = targets(&floors, &runs, memory);
+    let report = BenchReport {
+        command: format!(
+            "faultline bench{}{}",
+            if args.quick { " --quick" } else { "" },
+            if args.json { " --json" } else { "" }
+        ),
+        quick: args.quick,
+        host: host(),
+        floors,
+        runs,
+        targets,
+        duration_s: started.elapsed().as_secs_f64(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(0)
+}
+
+fn find(
+    runs: &[Report],
+    mode: faultline::sidecar_api::Mode,
+    rate: DirtyRate,
+) -> Option<&Report> {
+    runs.iter().find(|r| r.mode == mode && r.dirty_rate == rate)
+}
+
+fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
+    use faultline::sidecar_api::Mode;
+    let mut out = Vec::new();
+    let fault_floor = f.uffd_vcpu_fault_us + f.tcp_rtt_4k_us_p50;
+    if let Some(pc) = find(runs, Mode::PostCopy, DirtyRate::Idle) {
+        let l = pc.fault_latency_us;
+        for (name, value, limit) in [
+            ("postcopy_fault_latency_p50", l.p50 as f64, 2.0),
+            ("postcopy_fault_latency_p99", l.p99 as f64, 5.0),
+        ] {
+            let ratio = value / fault_floor;
+            out.push(Target {
+                name,
+                value,
+                unit: "us",
+                reference: fault_floor,
+                reference_is: "userfaultfd vCPU fault + 4 KiB TCP round trip (p50)",
+                ratio,
+                limit,
+                bound: "at most",
+                met: ratio <= limit,
+            });
+        }
+        let ideal_ms = memory as f64 / f.tcp_bandwidth_bytes_per_sec * 1e3;
+        let ratio = pc.total_ms / ideal_ms;
+        out.push(Target {
+            name: "postcopy_total_time_idle",
+            value: pc.total_ms,
+            unit: "ms",
+            reference: ideal_ms,
+            reference_is: "guest RAM / raw loopback TCP bandwidth",
+            ratio,
+            limit: 1.3,
+            bound: "at most",
+            met: ratio <= 1.3,
+        });
+    }
+    if let Some(pre) = find(runs, Mode::PreCopy, DirtyRate::Idle) {
+        let ratio = pre.throughput_bytes_per_sec / f.tcp_bandwidth_bytes_per_sec;
+        out.push(Target {
+            name: "bulk_throughput",
+            value: pre.throughput_bytes_per_sec,
+            unit: "bytes/s",
+            reference: f.tcp_bandwidth_bytes_per_sec,
+            reference_is: "raw loopback TCP bandwidth",
+            ratio,
+            limit: 0.7,
+            bound: "at least",
+            met: ratio >= 0.7,
+        });
+    }
+    let worst = runs
+        .iter()
+        .filter_map(|r| r.downtime_ms)
+        .fold(0.0f64, f64::max);
+    out.push(Target {
+        name: "downtime_worst_2_vcpus",
+        value: worst,
+        unit: "ms",
+        reference: 20.0,
+        reference_is: "20 ms budget",
+        ratio: worst / 20.0,
+        limit: 1.0,
+        bound: "at most",
+        met: worst <= 20.0,
+    });
+    out
+}
+
+fn print_table(r: &BenchReport) {
+    let f = &r.floors;
+    println!(
+        "\nFloors (this run, {} CPUs, kernel {}):",
+        r.host.cpus, r.host.kernel
+    );
+    println!(
+        "  loopback TCP bandwidth       {:>10.0} MB/s",
+        f.tcp_bandwidth_bytes_per_sec / 1e6
+    );
+    println!(
+        "  4 KiB TCP round trip         {:>10.1} µs p50, {:.1} µs p99",
+        f.tcp_rtt_4k_us_p50, f.tcp_rtt_4k_us_p99
+    );
+    println!(
+        "  vCPU userfaultfd fault       {:>10.1} µs (loop baseline {:.1} µs)",
+        f.uffd_vcpu_fault_us, f.uffd_loop_baseline_us
+    );
+    println!("  KVM exit round trip          {:>10.1} µs", f.kvm_exit_us);
+    println!(
+        "\nMigrations ({} guests, 2 vCPUs, prefilled):",
+        faultline::units::format_size(r.runs.first().map(|x| x.memory_bytes).unwrap_or(0))
+    );
+    println!(
+        "  {:<10} {:<9} {:>9} {:>10} {:>7} {:>10} {:>7} {:>9} {:>9}",
+        "mode", "dirty", "total ms", "downtime", "rounds", "MB/s", "faults", "p50 µs", "p99 µs"
+    );
+    for x in &r.runs {
+        println!(
+            "  {:<10} {:<9} {:>9.0} {:>10.2} {:>7} {:>10.0} {:>7} {:>9} {:>9}",
+            format!("{:?}", x.mode).to_lowercase(),
+            format!("{:?}", x.dirty_rate).to_lowercase(),
+            x.total_ms,
+            x.downtime_ms.unwrap_or(0.0),
+            x.precopy_rounds,
+            x.throughput_bytes_per_sec / 1e6,
+            x.faults,
+            x.fault_latency_us.p50,
+            x.fault_latency_us.p99
+        );
+    }
+    println!("\nTargets (ratios to the floors above):");
+    for t in &r.targets {
+        println!(
+            "  {:<28} {:>12.1} {:<7} ratio {:>6.2} ({} {}) {}",
+            t.name,
+            t.value,
+            t.unit,
+            t.ratio,
+            t.bound,
+            t.limit,
+            if t.met { "met" } else { "MISSED" }
+        );
+    }
+    println!("\n{} in {:.0} s", r.command, r.duration_s);
+}

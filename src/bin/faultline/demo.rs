@@ -1,0 +1,435 @@
+//! `faultline demo`: a source VMM + sidecar and a target VMM + sidecar on loopback, a live
+//! memtouch guest migrated between them with progress shown, and the guest left running on the
+//! target long enough to prove it lost nothing.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use faultline::local::{SidecarProcess, VmmProcess};
+use faultline::sidecar_api::{
+    LatencySummary, MigrationStatus, Mode, Phase, Policy, Role, StartMigration,
+};
+use faultline::trap::TrapBackend;
+use faultline::units::{format_size, human_bytes, parse_duration, parse_size};
+use faultline::vmm_protocol::messages::VmStatus;
+use faultline::wire::Secret;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModeArg {
+    Precopy,
+    Postcopy,
+    Hybrid,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Precopy => Mode::PreCopy,
+            ModeArg::Postcopy => Mode::PostCopy,
+            ModeArg::Hybrid => Mode::Hybrid,
+        }
+    }
+}
+
+/// memtouch's dirty-rate presets (faultline-vmm --dirty-rate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyRate {
+    Idle,
+    Moderate,
+    Heavy,
+}
+
+impl DirtyRate {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Moderate => "moderate",
+            Self::Heavy => "heavy",
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Guest RAM (64M to 64G, a multiple of 2M).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub memory: u64,
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// anon, memfd or guest-memfd.
+    #[arg(long, default_value = "memfd")]
+    pub backing: String,
+    #[arg(long, value_enum, default_value = "hybrid")]
+    pub mode: ModeArg,
+    /// memtouch dirty-rate preset.
+    #[arg(long, value_enum, default_value = "moderate")]
+    pub dirty_rate: DirtyRate,
+    /// Pre-copy passes before switching (post-copy) or at most (pre-copy, hybrid). Default:
+    /// 1 for post-copy, the policy default otherwise.
+    #[arg(long)]
+    pub precopy_passes: Option<u32>,
+    #[arg(long, default_value_t = 300)]
+    pub max_downtime_ms: u64,
+    /// Give every guest page data before the guest starts (so every page has to move).
+    #[arg(long)]
+    pub prefill: bool,
+    /// How long the guest runs before the migration starts.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// How long the guest keeps running and verifying on the target afterwards (at least 3 s).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub verify_for: Duration,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct GuestVerdict {
+    /// Verification failures over the guest's whole life (source and target).
+    pub failures: u64,
+    pub failed_pages: Vec<u64>,
+    /// Heartbeats per vCPU while the guest ran on the target after the migration.
+    pub heartbeats_after: Vec<u64>,
+    /// Full verification sweeps per vCPU completed on the target after the migration.
+    pub sweeps_after: Vec<u32>,
+    pub verified_for_s: f64,
+    pub ok: bool,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Report {
+    pub result: String,
+    pub mode: Mode,
+    pub trap: Option<TrapBackend>,
+    pub backing: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub dirty_rate: DirtyRate,
+    pub total_ms: f64,
+    pub downtime_ms: Option<f64>,
+    pub precopy_rounds: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub faults: u64,
+    pub fault_latency_us: LatencySummary,
+    /// Page bytes per second over the whole migration.
+    pub throughput_bytes_per_sec: f64,
+    pub guest: GuestVerdict,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub fn run(args: &DemoArgs) -> anyhow::Result<i32> {
+    let report = migrate(args, !args.json)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.result == "succeeded" && report.guest.ok {
+        0
+    } else {
+        1
+    })
+}
+
+/// Runs one demo migration and returns its report (also used by the benchmark).
+pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
+    if args.verify_for < Duration::from_secs(3) {
+        bail!("--verify-for must be at least 3s: the guest has to prove itself on the target");
+    }
+    let memory = format_size(args.memory);
+    let vcpus = args.vcpus.to_string();
+    let mut src_args: Vec<String> = [
+        "--memory",
+        &memory,
+        "--vcpus",
+        &vcpus,
+        "--backing",
+        &args.backing,
+        "--dirty-rate",
+        args.dirty_rate.as_str(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if args.prefill {
+        src_args.push("--prefill".into());
+    }
+    let dst_args: Vec<String> = [
+        "--memory",
+        &memory,
+        "--vcpus",
+        &vcpus,
+        "--backing",
+        &args.backing,
+        "--incoming",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    let step = |msg: &str| {
+        if show_progress {
+            eprintln!("• {msg}");
+        }
+    };
+    step(&format!(
+        "starting the source VMM (memtouch, {memory}, {vcpus} vCPUs, {}) and the target VMM (incoming)",
+        args.backing
+    ));
+    let mut src_vmm = VmmProcess::start("demo-src", &src_args).context("source VMM")?;
+    let mut dst_vmm = VmmProcess::start("demo-dst", &dst_args).context("target VMM")?;
+    let src = SidecarProcess::start("demo-src", &src_vmm.socket).context("source sidecar")?;
+    let dst = SidecarProcess::start("demo-dst", &dst_vmm.socket).context("target sidecar")?;
+    step(&format!(
+        "sidecars up: source API {}, target API {} (migration port {})",
+        src.api, dst.api, dst.migration_port
+    ));
+    step(&format!("letting the guest run for {:?}", args.warmup));
+    std::thread::sleep(args.warmup);
+
+    let mut policy = Policy {
+        mode: args.mode.into(),
+        max_downtime_ms: args.max_downtime_ms,
+        ..Policy::default()
+    };
+    policy.precopy_passes = args.precopy_passes.unwrap_or(match args.mode {
+        ModeArg::Postcopy => 1,
+        _ => policy.precopy_passes,
+    });
+    let secret = Secret::generate().context("cannot generate a secret")?;
+    let id = format!("demo-{}", std::process::id());
+    let req = |role, peer| StartMigration {
+        id: id.clone(),
+        role,
+        peer,
+        secret: secret.to_base64(),
+        policy: policy.clone(),
+    };
+    let (sc, dc) = (src.client(), dst.client());
+    dc.start(&req(Role::Target, None))
+        .context("starting the target")?;
+    let started = Instant::now();
+    sc.start(&req(Role::Source, Some(dst.migration_addr())))
+        .context("starting the source")?;
+
+    let bar = if show_progress {
+        let b = ProgressBar::new(args.memory / 4096);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {percent:>3}% {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.enable_steady_tick(Duration::from_millis(100));
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let (final_src, final_dst) = loop {
+        let s = sc.status(&id).context("source status")?;
+        let d = dc.status(&id).context("target status")?;
+        let total = s.progress.total_pages.max(1);
+        bar.set_length(total);
+        // Pre-copy: how far the source got (a later pass starts again); afterwards: what the
+        // target holds.
+        bar.set_position(if matches!(s.phase, Phase::PreCopy | Phase::Connecting) {
+            s.progress.transferred_pages.min(total)
+        } else {
+            total - d.progress.remaining_pages.min(total)
+        });
+        bar.set_message(format!(
+            "{:<11} sent {:>10}  left {:>7} pages  faults {:>6}  {}/s",
+            phase_name(s.phase),
+            human_bytes(s.progress.transferred_bytes),
+            d.progress.remaining_pages,
+            d.progress.faults,
+            human_bytes((s.progress.transferred_bytes as f64 / s.elapsed_s.max(1e-3)) as u64),
+        ));
+        if s.phase.is_terminal() && (d.phase.is_terminal() || s.phase != Phase::Completed) {
+            break (s, d);
+        }
+        if started.elapsed() > Duration::from_secs(policy.completion_timeout_s + 30) {
+            bail!("the migration did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish_and_clear();
+
+    if final_src.phase != Phase::Completed {
+        step(&format!(
+            "migration {}: {}",
+            phase_name(final_src.phase),
+            final_src.message
+        ));
+        // The VM must still be healthy on the source.
+        let st = src_vmm
+            .client()
+            .context("source VMM")?
+            .status()
+            .context("source status")?;
+        let report = report_from(
+            args,
+            &final_src,
+            &final_dst,
+            GuestVerdict {
+                failures: st.failures,
+                failed_pages: st.failed_pages.clone(),
+                heartbeats_after: vec![],
+                sweeps_after: vec![],
+                verified_for_s: 0.0,
+                ok: st.failures == 0,
+            },
+        );
+        return Ok(report);
+    }
+    step(&format!(
+        "migrated in {:.0} ms (downtime {:.1} ms); the guest now runs on the target — verifying for {:?}",
+        final_src.elapsed_s * 1e3,
+        final_src.progress.downtime_ms.unwrap_or(0.0),
+        args.verify_for
+    ));
+    let _ = src_vmm.wait(Duration::from_secs(30));
+    let verdict = verify(&dst_vmm, args.verify_for)?;
+    let _ = dst_vmm.shutdown();
+    Ok(report_from(args, &final_src, &final_dst, verdict))
+}
+
+fn phase_name(p: Phase) -> String {
+    serde_json::to_value(p)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// Lets the guest run on the target for `how_long` and checks it progressed on every vCPU
+/// without a single verification failure.
+fn verify(vmm: &VmmProcess, how_long: Duration) -> anyhow::Result<GuestVerdict> {
+    let mut c = vmm.client().context("target VMM")?;
+    let before: VmStatus = c.status().context("target status")?;
+    let t = Instant::now();
+    std::thread::sleep(how_long);
+    let after = c.status().context("target status")?;
+    let heartbeats_after: Vec<u64> = after
+        .heartbeats
+        .iter()
+        .zip(&before.heartbeats)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    let sweeps_after: Vec<u32> = after
+        .vcpu_status
+        .iter()
+        .zip(&before.vcpu_status)
+        .map(|(a, b)| a.status_word.saturating_sub(b.status_word))
+        .collect();
+    let ok = after.failures == 0 && heartbeats_after.iter().all(|&h| h > 0);
+    Ok(GuestVerdict {
+        failures: after.failures,
+        failed_pages: after.failed_pages,
+        heartbeats_after,
+        sweeps_after,
+        verified_for_s: t.elapsed().as_secs_f64(),
+        ok,
+    })
+}
+
+fn report_from(
+    args: &DemoArgs,
+    s: &MigrationStatus,
+    d: &MigrationStatus,
+    guest: GuestVerdict,
+) -> Report {
+    let p = &s.progress;
+    Report {
+        result: match s.phase {
+            Phase::Completed => "succeeded".into(),
+            Phase::Cancelled => "cancelled".into(),
+            _ => "failed".into(),
+        },
+        mode: s.mode,
+        trap: d.trap.or(s.trap),
+        backing: args.backing.clone(),
+        memory_bytes: args.memory,
+        vcpus: args.vcpus,
+        dirty_rate: args.dirty_rate,
+        total_ms: s.elapsed_s * 1e3,
+        downtime_ms: p.downtime_ms,
+        precopy_rounds: p.precopy_rounds,
+        bytes_sent: p.transferred_bytes,
+        pages_sent: p.transferred_pages,
+        zero_pages: p.zero_pages,
+        faults: d.progress.faults,
+        fault_latency_us: d.progress.fault_latency_us,
+        throughput_bytes_per_sec: p.transferred_bytes as f64 / s.elapsed_s.max(1e-6),
+        guest,
+        error: s.error.clone().or_else(|| d.error.clone()),
+    }
+}
+
+fn print_report(r: &Report) {
+    println!();
+    println!(
+        "Migration {} — {} of {} RAM, {} vCPUs, {} memory, {} guest",
+        r.result.to_uppercase(),
+        match r.mode {
+            Mode::PreCopy => "pre-copy",
+            Mode::PostCopy => "post-copy",
+            Mode::Hybrid => "hybrid",
+        },
+        format_size(r.memory_bytes),
+        r.vcpus,
+        r.backing,
+        r.dirty_rate.as_str()
+    );
+    if let Some(e) = &r.error {
+        println!("  error:            {e}");
+    }
+    println!(
+        "  trap:             {}",
+        r.trap
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "none (pre-copy only)".into())
+    );
+    println!("  total time:       {:.0} ms", r.total_ms);
+    match r.downtime_ms {
+        Some(d) => println!("  downtime:         {d:.2} ms (source paused → target running)"),
+        None => println!("  downtime:         -"),
+    }
+    println!("  pre-copy rounds:  {}", r.precopy_rounds);
+    println!(
+        "  sent:             {} in {} pages ({} zero-page markers), {}/s",
+        human_bytes(r.bytes_sent),
+        r.pages_sent,
+        r.zero_pages,
+        human_bytes(r.throughput_bytes_per_sec as u64)
+    );
+    println!("  faults served:    {}", r.faults);
+    if r.faults > 0 {
+        let l = r.fault_latency_us;
+        println!(
+            "  fault latency:    p50 {} µs, p99 {} µs, max {} µs",
+            l.p50, l.p99, l.max
+        );
+    }
+    let g = &r.guest;
+    println!(
+        "  guest verdict:    {} — {} verification failures; on the target for {:.1} s: heartbeats {:?}, full sweeps {:?}",
+        if g.ok { "OK" } else { "FAILED" },
+        g.failures,
+        g.verified_for_s,
+        g.heartbeats_after,
+        g.sweeps_after
+    );
+    if !g.failed_pages.is_empty() {
+        println!("  failed pages:     {:?}", g.failed_pages);
+    }
+}

@@ -17,7 +17,9 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
-use tracing::{error, info, warn};
+use std::future::Future;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 use crate::crd::VirtualMachineMigration;
 use crate::metrics::{self, Health, Metrics};
@@ -90,39 +92,21 @@ pub async fn run(client: Client, config: Config, opts: RunOptions) -> anyhow::Re
     health.ready.store(true, Ordering::Relaxed);
     info!(identity = %opts.identity, lease = %opts.lease_name, "waiting for the leader lease");
 
-    'outer: loop {
-        // Stand by until this replica leads.
-        while !*leader.borrow_and_update() {
-            tokio::select! {
-                r = leader.changed() => if r.is_err() { break 'outer; },
-                _ = &mut shutdown => break 'outer,
-            }
-        }
+    let end = lead(&mut leader, &mut shutdown, &metrics, || {
         info!(identity = %opts.identity, "leading: starting the controller");
-        metrics.leader.set(1);
-        let lost = async {
-            loop {
-                if leader.changed().await.is_err() || !*leader.borrow_and_update() {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            r = run_controller(make_ctx(), &config, opts.workers) => {
-                if let Err(e) = r {
-                    error!(error = %e, "controller stopped");
-                }
-                break 'outer;
-            }
-            // Dropping the controller stops every reconciliation at its next await, so a
-            // replica that lost the lease stops acting at once.
-            _ = lost => {
-                metrics.leader.set(0);
-                warn!(identity = %opts.identity, "lost the leader lease: controller stopped; standing by");
-            }
-            _ = &mut shutdown => break 'outer,
+        run_controller(make_ctx(), &config, opts.workers)
+    })
+    .await;
+    let result = match end {
+        LeadEnd::WorkEnded(r) => r.context("the controller stopped"),
+        LeadEnd::Shutdown => {
+            info!("shutting down");
+            Ok(())
         }
-    }
+        LeadEnd::LeaseTaskGone => Err(anyhow::anyhow!(
+            "the leader election task ended; exiting so a restart can campaign again"
+        )),
+    };
     metrics.leader.set(0);
     drop(leader);
     // Closing the channel makes the lease task release the lease.
@@ -132,7 +116,63 @@ pub async fn run(client: Client, config: Config, opts: RunOptions) -> anyhow::Re
         Err(e) => warn!(error = %e, "lease task ended abnormally"),
     }
     server.abort();
-    Ok(())
+    result
+}
+
+/// Why [`lead`] returned.
+#[derive(Debug)]
+pub enum LeadEnd {
+    /// The work ended by itself (with its result).
+    WorkEnded(anyhow::Result<()>),
+    /// The shutdown signal came.
+    Shutdown,
+    /// The leader election task is gone: this replica can no longer know whether it leads.
+    LeaseTaskGone,
+}
+
+/// Runs `work` only while `leader` says this replica holds the lease: waits while it does not,
+/// starts `work` when it does, and drops `work` the moment the lease is lost (a dropped
+/// future stops at its next await, so a former leader stops acting at once), then waits to
+/// lead again.
+pub async fn lead<W, F>(
+    leader: &mut watch::Receiver<bool>,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    metrics: &Metrics,
+    mut work: W,
+) -> LeadEnd
+where
+    W: FnMut() -> F,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                r = leader.changed() => if r.is_err() { return LeadEnd::LeaseTaskGone; },
+                _ = &mut *shutdown => return LeadEnd::Shutdown,
+            }
+        }
+        metrics.leader.set(1);
+        let lost = async {
+            loop {
+                if leader.changed().await.is_err() {
+                    return true;
+                }
+                if !*leader.borrow_and_update() {
+                    return false;
+                }
+            }
+        };
+        let end = tokio::select! {
+            r = work() => Some(LeadEnd::WorkEnded(r)),
+            gone = lost => gone.then_some(LeadEnd::LeaseTaskGone),
+            _ = &mut *shutdown => Some(LeadEnd::Shutdown),
+        };
+        metrics.leader.set(0);
+        match end {
+            Some(e) => return e,
+            None => warn!("lost the leader lease: controller stopped; standing by"),
+        }
+    }
 }
 
 /// The controller proper: migrations, plus the target pods they control (so a target pod
@@ -190,5 +230,97 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term => {},
         r = tokio::signal::ctrl_c() => if let Err(e) = r { warn!(error = %e, "cannot listen for SIGINT"); futures::future::pending::<()>().await },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    /// Flags its drop, like a controller future cancelled mid-reconciliation.
+    struct Running(Arc<AtomicBool>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn acts_only_while_holding_the_lease() {
+        let (tx, mut rx) = watch::channel(false);
+        let metrics = Arc::new(Metrics::new());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicBool::new(false));
+        let (s, r, m) = (starts.clone(), running.clone(), metrics.clone());
+        let task = tokio::spawn(async move {
+            let mut shutdown = Box::pin(async {
+                let _ = stop_rx.await;
+            });
+            lead(&mut rx, &mut shutdown, &m, || {
+                let (s, r) = (s.clone(), r.clone());
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    r.store(true, Ordering::SeqCst);
+                    let _guard = Running(r);
+                    futures::future::pending::<anyhow::Result<()>>().await
+                }
+            })
+            .await
+        });
+
+        settle().await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            0,
+            "a standby replica does nothing"
+        );
+        tx.send(true).expect("send");
+        settle().await;
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        assert!(running.load(Ordering::SeqCst));
+        assert!(metrics.render().contains("faultline_operator_leader 1"));
+
+        tx.send(false).expect("send");
+        settle().await;
+        assert!(
+            !running.load(Ordering::SeqCst),
+            "losing the lease stops the work at once"
+        );
+        assert!(metrics.render().contains("faultline_operator_leader 0"));
+
+        tx.send(true).expect("send");
+        settle().await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "leading again starts it again"
+        );
+
+        stop_tx.send(()).expect("stop");
+        let end = task.await.expect("task");
+        assert!(matches!(end, LeadEnd::Shutdown), "{end:?}");
+        assert!(!running.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_vanished_lease_task_stops_the_leader() {
+        let (tx, mut rx) = watch::channel(true);
+        let metrics = Metrics::new();
+        let mut shutdown = Box::pin(futures::future::pending::<()>());
+        drop(tx);
+        let end = lead(&mut rx, &mut shutdown, &metrics, || {
+            futures::future::pending::<anyhow::Result<()>>()
+        })
+        .await;
+        assert!(matches!(end, LeadEnd::LeaseTaskGone), "{end:?}");
+        assert!(metrics.render().contains("faultline_operator_leader 0"));
     }
 }

@@ -144,6 +144,61 @@ pub fn map_phase(p: sidecar_api::Phase) -> Option<Phase> {
     }
 }
 
+/// What the sidecars' reports prove about phases the operator may not have seen between two
+/// polls (a switch-over lasts only the downtime).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evidence {
+    /// Pre-copy passes the source completed.
+    pub precopy_rounds: u32,
+    /// The source was fenced: a switch-over happened.
+    pub committed: bool,
+    /// The target ran before holding every page: post-copy happened. True for a `PostCopy`
+    /// migration once committed; for `Hybrid` only when post-copy was seen or faults served.
+    pub post_copy: bool,
+}
+
+impl Evidence {
+    pub fn from_reports(
+        mode: MigrationMode,
+        src: Option<&MigrationStatus>,
+        tgt: Option<&MigrationStatus>,
+        committed: bool,
+    ) -> Self {
+        let seen_post = [src, tgt]
+            .into_iter()
+            .flatten()
+            .any(|x| x.phase == sidecar_api::Phase::PostCopy);
+        let faults = tgt.is_some_and(|t| t.progress.faults > 0);
+        Self {
+            precopy_rounds: src.map(|s| s.progress.precopy_rounds).unwrap_or_default(),
+            committed,
+            post_copy: committed
+                && (mode == MigrationMode::PostCopy
+                    || (mode == MigrationMode::Hybrid && (seen_post || faults))),
+        }
+    }
+}
+
+/// The phases a migration went through on its way from `from` to `to` (exclusive of `from`,
+/// inclusive of `to`), filling in those the reports prove happened between two polls.
+pub fn phases_between(from: Phase, to: Phase, ev: Evidence) -> Vec<Phase> {
+    let mut out = Vec::new();
+    for p in [Phase::PreCopy, Phase::SwitchOver, Phase::PostCopy] {
+        let happened = match p {
+            Phase::PreCopy => ev.precopy_rounds > 0,
+            Phase::SwitchOver => ev.committed,
+            _ => ev.post_copy,
+        };
+        if p > from && p < to && happened {
+            out.push(p);
+        }
+    }
+    if to > from {
+        out.push(to);
+    }
+    out
+}
+
 /// Combines both sides' reports: what was sent comes from the source, what is held and the
 /// faults from the target.
 pub fn merge_progress(
@@ -358,6 +413,77 @@ mod tests {
         assert_eq!((p.percent, p.remaining_pages), (85, 150));
         // Nothing known yet.
         assert_eq!(merge_progress(None, None, Timestamp::UNIX_EPOCH).percent, 0);
+    }
+
+    #[test]
+    fn phases_seen_between_polls_are_filled_in_from_evidence() {
+        use Phase::*;
+        let all = Evidence {
+            precopy_rounds: 2,
+            committed: true,
+            post_copy: true,
+        };
+        assert_eq!(
+            phases_between(Connecting, Succeeded, all),
+            [PreCopy, SwitchOver, PostCopy, Succeeded]
+        );
+        assert_eq!(
+            phases_between(PreCopy, PostCopy, all),
+            [SwitchOver, PostCopy]
+        );
+        // Post-copy with no pre-copy pass; pre-copy mode never posts.
+        let pc0 = Evidence {
+            precopy_rounds: 0,
+            committed: true,
+            post_copy: true,
+        };
+        assert_eq!(
+            phases_between(Connecting, PostCopy, pc0),
+            [SwitchOver, PostCopy]
+        );
+        let pre = Evidence {
+            precopy_rounds: 3,
+            committed: true,
+            post_copy: false,
+        };
+        assert_eq!(
+            phases_between(Connecting, Succeeded, pre),
+            [PreCopy, SwitchOver, Succeeded]
+        );
+        // Nothing proven: only the phase seen. Never backwards.
+        assert_eq!(
+            phases_between(Connecting, PreCopy, Evidence::default()),
+            [PreCopy]
+        );
+        assert_eq!(phases_between(PostCopy, PreCopy, all), Vec::<Phase>::new());
+        assert_eq!(phases_between(PreCopy, PreCopy, all), Vec::<Phase>::new());
+    }
+
+    #[test]
+    fn evidence_of_post_copy_depends_on_the_mode() {
+        let src = status("source", "completed", json!({"precopyRounds": 2}));
+        let tgt = status("target", "completed", json!({"faults": 0}));
+        let e = Evidence::from_reports(MigrationMode::PostCopy, Some(&src), Some(&tgt), true);
+        assert_eq!(
+            e,
+            Evidence {
+                precopy_rounds: 2,
+                committed: true,
+                post_copy: true
+            }
+        );
+        let e = Evidence::from_reports(MigrationMode::Hybrid, Some(&src), Some(&tgt), true);
+        assert!(
+            !e.post_copy,
+            "a hybrid migration may have ended with stop-and-copy"
+        );
+        let tgt = status("target", "completed", json!({"faults": 5}));
+        assert!(
+            Evidence::from_reports(MigrationMode::Hybrid, Some(&src), Some(&tgt), true).post_copy
+        );
+        assert!(
+            !Evidence::from_reports(MigrationMode::PostCopy, Some(&src), None, false).post_copy
+        );
     }
 
     #[test]

@@ -39,7 +39,8 @@ use crate::crd::{
     VirtualMachineMigrationStatus, condition,
 };
 use crate::decide::{
-    choose_mechanism, map_phase, merge_progress, migration_id, strip_time, validate_spec,
+    Evidence, choose_mechanism, map_phase, merge_progress, migration_id, phases_between,
+    strip_time, validate_spec,
 };
 use crate::metrics::Metrics;
 use crate::pods::{self, PodState};
@@ -137,9 +138,13 @@ pub enum Error {
 }
 
 /// Requeue after an error (API unavailable, conflict with a concurrent write).
-pub fn error_policy(mig: Arc<VirtualMachineMigration>, err: &Error, ctx: Arc<Context>) -> Action {
-    warn!(migration = %mig.name_any(), namespace = mig.namespace().unwrap_or_default(), error = %err, "reconcile failed; retrying");
-    let _ = ctx;
+pub fn error_policy(mig: Arc<VirtualMachineMigration>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(
+        migration = %mig.name_any(),
+        namespace = mig.namespace().unwrap_or_default(),
+        error = %err,
+        "reconcile failed; retrying"
+    );
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -437,7 +442,7 @@ impl<'a> Reconciler<'a> {
 
         // Concurrency: count under the lock, and keep holding it until this migration's
         // own status says it took a slot.
-        let _slot = self.ctx.admission.lock().await;
+        let slot = self.ctx.admission.lock().await;
         let all: Api<VirtualMachineMigration> = match &self.cfg().namespace {
             Some(ns) => Api::namespaced(self.ctx.client.clone(), ns),
             None => Api::all(self.ctx.client.clone()),
@@ -498,14 +503,14 @@ impl<'a> Reconciler<'a> {
         let info = match self.node_info(&sidecar).await {
             Ok(i) => i,
             Err(e) => {
-                drop(_slot);
+                drop(slot);
                 return self
                     .stall(mig, format!("waiting for the source sidecar: {e}"))
                     .await;
             }
         };
         let Some(vm) = info.vm.as_ref() else {
-            drop(_slot);
+            drop(slot);
             return self
                 .stall(mig, "waiting for the source sidecar to join its VMM".into())
                 .await;
@@ -521,6 +526,15 @@ impl<'a> Reconciler<'a> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
+        if state == "paused" {
+            drop(slot);
+            return self
+                .stall(
+                    mig,
+                    format!("waiting for the VM in pod {src_name} to run (it is paused)"),
+                )
+                .await;
+        }
         if state != "running" {
             return self
                 .fail_plain(
@@ -551,7 +565,7 @@ impl<'a> Reconciler<'a> {
         self.enter(&mut s, Phase::Scheduling);
         s.message = Some(format!("creating target pod {target}"));
         let mig = self.write_status(&mig, s).await?;
-        drop(_slot);
+        drop(slot);
         self.phase_event(
             &mig,
             Phase::Scheduling,
@@ -1046,8 +1060,14 @@ impl<'a> Reconciler<'a> {
             .is_none_or(|u| now.duration_since(u.0) >= signed(self.cfg().status_interval));
         let progress_changed = s.progress.as_ref().map(strip_time) != Some(strip_time(&progress));
         let phase_changed = phase != current;
-        if phase_changed {
-            self.enter(&mut n, phase);
+        let mode = s.mode.unwrap_or(mig.spec.policy.mode);
+        let entered = phases_between(
+            current,
+            phase,
+            Evidence::from_reports(mode, src_s, tgt_s, committed),
+        );
+        for p in &entered {
+            self.enter(&mut n, *p);
         }
         if phase_changed
             || newly_committed
@@ -1056,20 +1076,24 @@ impl<'a> Reconciler<'a> {
         {
             n.progress = Some(progress);
             if let Some(m) = message {
-                n.message = Some(m);
+                n.message = Some(if s.deletion_deferred {
+                    format!("deletion waits for completion (past the point of no return); {m}")
+                } else {
+                    m
+                });
             }
             let mig = self.write_status(&mig, n).await?;
             if newly_committed {
                 self.event(&mig, EventType::Normal, "Committed",
                     "point of no return passed: the source VM is fenced and the VM runs on the target from now on").await;
             }
-            if phase_changed {
-                let msg = mig
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.message.clone())
-                    .unwrap_or_default();
-                self.phase_event(&mig, phase, &msg).await;
+            let msg = mig
+                .status
+                .as_ref()
+                .and_then(|s| s.message.clone())
+                .unwrap_or_default();
+            for p in &entered {
+                self.phase_event(&mig, *p, &msg).await;
             }
         }
         Ok(Next::Wait(Action::requeue(self.cfg().poll_interval)))
@@ -1158,7 +1182,8 @@ impl<'a> Reconciler<'a> {
         let mut n = s;
         let now = self.now();
         n.committed = true;
-        if n.commit_time.is_none() {
+        let newly_committed = n.commit_time.is_none();
+        if newly_committed {
             n.commit_time = Some(Time(now));
             self.set_condition(
                 &mut n,
@@ -1183,7 +1208,26 @@ impl<'a> Reconciler<'a> {
                 .unwrap_or_else(|| "unknown".into())
         );
         self.set_condition(&mut n, condition::SUCCEEDED, true, "Completed", &msg);
-        let mig = self.finish(mig, n, Phase::Succeeded, msg).await?;
+        let current = n.phase.unwrap_or(Phase::Connecting);
+        let mode = n.mode.unwrap_or(mig.spec.policy.mode);
+        let mut passed = phases_between(
+            current,
+            Phase::Succeeded,
+            Evidence::from_reports(mode, src_s, Some(tgt_s), true),
+        );
+        passed.pop();
+        let mig = self
+            .finish_via(mig, n, &passed, Phase::Succeeded, msg)
+            .await?;
+        if newly_committed {
+            self.event(
+                &mig,
+                EventType::Normal,
+                "Committed",
+                "point of no return passed (between two polls): the source VM is fenced",
+            )
+            .await;
+        }
         if let Some(d) = downtime {
             self.ctx.metrics.downtime_seconds.observe(d / 1000.0);
         }
@@ -1287,22 +1331,7 @@ impl<'a> Reconciler<'a> {
             Err(e) if e.is_not_found() => CancelOutcome::Stopped,
             Ok(x) if x.committed => CancelOutcome::Committed,
             Ok(x) if x.phase.is_terminal() => CancelOutcome::Stopped,
-            Ok(_) => match self.cancel(&src, &id).await {
-                Ok(_) => CancelOutcome::Stopped,
-                Err(e) if e.is_conflict() || e.is_not_found() => {
-                    match self.sidecar_status(&src, &id).await {
-                        Ok(x) if x.committed => CancelOutcome::Committed,
-                        Ok(x) if x.phase.is_terminal() => CancelOutcome::Stopped,
-                        Err(e) if e.is_not_found() => CancelOutcome::Stopped,
-                        Ok(x) => CancelOutcome::Unknown(format!(
-                            "the source sidecar refused to cancel while {}",
-                            sidecar_phase_str(x.phase)
-                        )),
-                        Err(e) => CancelOutcome::Unknown(e.to_string()),
-                    }
-                }
-                Err(e) => CancelOutcome::Unknown(e.to_string()),
-            },
+            Ok(_) => self.stop_source(&src, &id).await,
             Err(src_err) => {
                 // The source cannot be asked. The target can still settle it: if it has not
                 // reached switch-over, cancelling it makes a commit impossible.
@@ -1349,14 +1378,56 @@ impl<'a> Reconciler<'a> {
         outcome
     }
 
+    /// Asks the source to cancel and waits (briefly) for its final word. A 202 only says the
+    /// request was taken: the source may be committing at this very moment, so only a terminal
+    /// state without commit means it will not commit.
+    async fn stop_source(&self, src: &SidecarClient, id: &str) -> CancelOutcome {
+        if let Err(e) = self.cancel(src, id).await
+            && !(e.is_conflict() || e.is_not_found())
+        {
+            return CancelOutcome::Unknown(e.to_string());
+        }
+        let mut outcome = CancelOutcome::Unknown("the source sidecar has not answered".into());
+        for _ in 0..20 {
+            outcome = match self.sidecar_status(src, id).await {
+                Ok(x) if x.committed => return CancelOutcome::Committed,
+                Ok(x) if x.phase.is_terminal() => return CancelOutcome::Stopped,
+                Err(e) if e.is_not_found() => return CancelOutcome::Stopped,
+                Ok(x) => CancelOutcome::Unknown(format!(
+                    "the source sidecar is still {} after the cancel request",
+                    sidecar_phase_str(x.phase)
+                )),
+                Err(e) => CancelOutcome::Unknown(e.to_string()),
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        outcome
+    }
+
     /// Records a terminal phase with its message, event and metrics.
     async fn finish(
         &self,
         mig: VirtualMachineMigration,
-        mut s: VirtualMachineMigrationStatus,
+        s: VirtualMachineMigrationStatus,
         phase: Phase,
         message: String,
     ) -> Result<VirtualMachineMigration, Error> {
+        self.finish_via(mig, s, &[], phase, message).await
+    }
+
+    /// [`Self::finish`], first recording `passed`: phases the migration went through since the
+    /// last poll.
+    async fn finish_via(
+        &self,
+        mig: VirtualMachineMigration,
+        mut s: VirtualMachineMigrationStatus,
+        passed: &[Phase],
+        phase: Phase,
+        message: String,
+    ) -> Result<VirtualMachineMigration, Error> {
+        for p in passed {
+            self.enter(&mut s, *p);
+        }
         self.enter(&mut s, phase);
         s.completion_time = Some(Time(self.now()));
         s.message = Some(message.clone());
@@ -1378,6 +1449,9 @@ impl<'a> Reconciler<'a> {
             .get_or_create(&vec![("result", result)])
             .inc();
         info!(migration = self.name, namespace = self.ns, phase = %phase, message = %message, "migration finished");
+        for p in passed {
+            self.phase_event(&mig, *p, "passed between two polls").await;
+        }
         self.phase_event(&mig, phase, &message).await;
         Ok(mig)
     }

@@ -901,3 +901,56 @@ async fn post_copy_without_a_mechanism_on_the_target_fails_before_anything_moves
     assert_eq!(vm_state(&c, "vm-1").await.as_deref(), Some("running"));
     let _: Option<Value> = None;
 }
+
+/// Two writers: the status write carries the resourceVersion the reconciler read, so a write in
+/// between makes it fail (and the reconciliation retry) instead of being overwritten.
+#[tokio::test]
+async fn a_concurrent_write_makes_the_reconciler_retry_instead_of_overwriting() {
+    let c = Cluster::new();
+    let op = c.operator(fast_config());
+    c.create_migration("m", json!({"source": {"pod": "nope"}}));
+    c.interfere_after_next_get("m");
+    let (result, log) = c.try_reconcile(&op, "m").await;
+    match result {
+        Err(faultline_operator::reconcile::Error::Kube(kube::Error::Api(e))) => {
+            assert_eq!(e.code, 409, "{e:?}")
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(
+        log,
+        [
+            format!("GET {}", mig_path("m")),
+            format!("PATCH {}", mig_path("m"))
+        ]
+    );
+    let m = c.migration("m").expect("migration");
+    assert!(m.metadata.finalizers.is_none() && m.status.is_none());
+    assert_eq!(
+        m.metadata.labels.as_ref().map(|l| l["touched-by"].as_str()),
+        Some("someone-else")
+    );
+
+    // With the finalizer in place, the status write is the one refused.
+    c.reconcile(&op, "m").await;
+    c.set_migration_status(
+        NS,
+        "m",
+        json!({"phase": "Pending", "migrationId": "vms/m/x"}),
+    );
+    c.interfere_after_next_get("m");
+    let (result, log) = c.try_reconcile(&op, "m").await;
+    assert!(result.is_err());
+    assert_eq!(
+        log,
+        [
+            format!("GET {}", mig_path("m")),
+            format!("GET {}", pod_path("nope")),
+            format!("PUT {}/status", mig_path("m")),
+        ]
+    );
+    assert_eq!(status(&c, "m").phase, Some(Phase::Pending));
+    // The retry reads the current object and goes on.
+    c.reconcile(&op, "m").await;
+    assert_eq!(status(&c, "m").phase, Some(Phase::Failed));
+}

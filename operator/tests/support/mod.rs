@@ -97,6 +97,8 @@ struct Store {
     running: HashMap<String, PodProcesses>,
     /// Pod startups to perform (the kubelet task picks them up).
     to_start: Vec<Key>,
+    /// A migration to modify right after its next GET (see `interfere_after_next_get`).
+    interfere: Option<String>,
 }
 
 /// The fake cluster: API server, scheduler and kubelet.
@@ -206,6 +208,20 @@ impl Cluster {
             "requests the API server cannot answer: {unexpected:?}"
         );
         (action, log)
+    }
+
+    /// One reconciliation that may fail; returns its result and the requests it made.
+    pub async fn try_reconcile(
+        &self,
+        op: &Arc<Context>,
+        name: &str,
+    ) -> (Result<Action, reconcile::Error>, Vec<String>) {
+        self.take_log();
+        let obj = self
+            .migration(name)
+            .unwrap_or_else(|| panic!("no migration {name}"));
+        let result = reconcile::reconcile(Arc::new(obj), op.clone()).await;
+        (result, self.take_log())
     }
 
     /// Reconciles until `done` holds for the migration (or it is gone), up to `timeout`,
@@ -379,11 +395,30 @@ impl Cluster {
     }
 
     /// Creates a VM pod already bound to `node` (as if created earlier) and runs it: a
-    /// memtouch VM with `vmm_args` plus the Faultline sidecar, per NOTES.txt. Waits until ready.
+    /// memtouch VM with `vmm_args` plus the Faultline sidecar, per NOTES.txt. Waits until ready
+    /// and the VM runs.
     pub async fn add_vm_pod(&self, name: &str, node: &str, vmm_args: &[&str]) -> Value {
+        self.add_vm_pod_with(name, node, vmm_args, &[], "running")
+            .await
+    }
+
+    /// Like [`Self::add_vm_pod`] with extra container env (e.g. `FAULTLINE_INCOMING`), waiting
+    /// until the sidecar reports the VM in `state`.
+    pub async fn add_vm_pod_with(
+        &self,
+        name: &str,
+        node: &str,
+        vmm_args: &[&str],
+        env: &[(&str, &str)],
+        state: &str,
+    ) -> Value {
         let mut args = vec!["--control", "/run/faultline/vmm.sock"];
         args.extend_from_slice(vmm_args);
         args.extend_from_slice(&["--quiet", "--log", "warn"]);
+        let env: Vec<Value> = env
+            .iter()
+            .map(|(k, v)| json!({"name": k, "value": v}))
+            .collect();
         let pod = json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -393,7 +428,7 @@ impl Cluster {
                 "nodeName": node,
                 "volumes": [{"name": "faultline-run", "emptyDir": {}}],
                 "containers": [
-                    {"name": "vmm", "image": "faultline-vmm:test", "args": args,
+                    {"name": "vmm", "image": "faultline-vmm:test", "args": args, "env": env,
                      "volumeMounts": [{"name": "faultline-run", "mountPath": "/run/faultline"}]},
                     {"name": "faultline-sidecar", "image": "faultline-sidecar:test",
                      "args": ["--vmm-socket", "/run/faultline/vmm.sock",
@@ -415,21 +450,27 @@ impl Cluster {
         let sidecar = SidecarClient::new(api, Duration::from_secs(5));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let state = sidecar
+            let now = sidecar
                 .node()
                 .await
                 .ok()
                 .and_then(|n| n.vm)
                 .and_then(|vm| serde_json::to_value(vm.state).ok());
-            if state.as_ref().and_then(Value::as_str) == Some("running") {
+            if now.as_ref().and_then(Value::as_str) == Some(state) {
                 return ready;
             }
             assert!(
                 Instant::now() < deadline,
-                "the VM in {name} does not run: {state:?}"
+                "the VM in {name} is not {state}: {now:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Makes the next GET of migration `name` be followed by a write from someone else (its
+    /// resourceVersion moves on), as a second operator or a user would.
+    pub fn interfere_after_next_get(&self, name: &str) {
+        lock(&self.store).interfere = Some(name.to_string());
     }
 
     /// Waits until pod `name` satisfies `pred`; `None` on timeout.
@@ -771,14 +812,26 @@ async fn serve(store: &Arc<Mutex<Store>>, req: Request<Body>) -> Response<Body> 
                 name: Some(name),
                 status: false,
             },
-        ) => match s.objects.get(&(plural.clone(), ns, name.clone())) {
-            Some(o) => respond(StatusCode::OK, o),
-            None => status_error(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                &format!("{plural} \"{name}\" not found"),
-            ),
-        },
+        ) => {
+            let key = (plural.clone(), ns, name.clone());
+            let answer = s.objects.get(&key).cloned();
+            if answer.is_some() && s.interfere.as_deref() == Some(name.as_str()) {
+                s.interfere = None;
+                let rv = s.next_rv();
+                if let Some(o) = s.objects.get_mut(&key) {
+                    o["metadata"]["resourceVersion"] = json!(rv);
+                    o["metadata"]["labels"]["touched-by"] = json!("someone-else");
+                }
+            }
+            match answer {
+                Some(o) => respond(StatusCode::OK, &o),
+                None => status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{plural} \"{name}\" not found"),
+                ),
+            }
+        }
         (
             "PATCH",
             Route {

@@ -377,3 +377,113 @@ proptest! {
         prop_assert_eq!(accepted, sidecar_ok, "policy {} sidecar says {:?}", policy, sidecar);
     }
 }
+
+/// Checks the rules of a structural schema (what the API server requires of a CRD's
+/// openAPIV3Schema) on one node and below; returns every violation with its path.
+fn structural_violations(node: &Value, path: &str, in_junctor: bool, out: &mut Vec<String>) {
+    let Some(obj) = node.as_object() else {
+        out.push(format!("{path}: not a schema object"));
+        return;
+    };
+    for forbidden in [
+        "$ref",
+        "definitions",
+        "$defs",
+        "$schema",
+        "patternProperties",
+        "dependencies",
+    ] {
+        if obj.contains_key(forbidden) {
+            out.push(format!("{path}: `{forbidden}` is not allowed"));
+        }
+    }
+    let escape = obj.contains_key("x-kubernetes-int-or-string")
+        || obj.contains_key("x-kubernetes-preserve-unknown-fields");
+    if in_junctor {
+        for k in [
+            "type",
+            "default",
+            "additionalProperties",
+            "nullable",
+            "description",
+        ] {
+            if obj.contains_key(k) {
+                out.push(format!("{path}: `{k}` inside allOf/anyOf/oneOf/not"));
+            }
+        }
+    } else if !escape && !obj.contains_key("type") {
+        out.push(format!("{path}: no `type`"));
+    }
+    if obj.contains_key("properties") && obj.contains_key("additionalProperties") {
+        out.push(format!(
+            "{path}: both `properties` and `additionalProperties`"
+        ));
+    }
+    if let Some(t) = obj.get("type").and_then(Value::as_str)
+        && !["object", "array", "string", "integer", "number", "boolean"].contains(&t)
+    {
+        out.push(format!("{path}: type `{t}`"));
+    }
+    if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            structural_violations(v, &format!("{path}.{k}"), in_junctor, out);
+        }
+    }
+    if let Some(items) = obj.get("items") {
+        structural_violations(items, &format!("{path}[]"), in_junctor, out);
+    }
+    if let Some(ap) = obj.get("additionalProperties")
+        && ap.is_object()
+    {
+        structural_violations(ap, &format!("{path}{{}}"), in_junctor, out);
+    }
+    for j in ["allOf", "anyOf", "oneOf"] {
+        for (i, s) in obj
+            .get(j)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            structural_violations(s, &format!("{path}.{j}[{i}]"), true, out);
+        }
+    }
+    if let Some(n) = obj.get("not") {
+        structural_violations(n, &format!("{path}.not"), true, out);
+    }
+}
+
+#[test]
+fn the_schema_is_structural() {
+    let s = schema();
+    let mut out = Vec::new();
+    structural_violations(&s, "", false, &mut out);
+    assert!(out.is_empty(), "{out:#?}");
+    // The root may only hold apiVersion, kind, metadata, spec and status.
+    let keys: Vec<&String> = s["properties"]
+        .as_object()
+        .expect("properties")
+        .keys()
+        .collect();
+    for k in keys {
+        assert!(
+            ["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()),
+            "{k}"
+        );
+    }
+    // Every default is valid against the schema it sits in (the API server checks that too):
+    // an object whose spec is all defaults passes.
+    let rules = ApiServerRules::new();
+    assert!(
+        rules
+            .check(&object(json!({"source": {"pod": "vm"}})), None)
+            .is_empty()
+    );
+    // Every CEL rule compiles (kube-cel reports compile errors as validation errors).
+    let compiled = kube_cel::compile_schema(&s);
+    assert!(
+        !compiled.has_errors(),
+        "{:?}",
+        compiled.compilation_errors()
+    );
+}

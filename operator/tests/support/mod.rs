@@ -99,6 +99,8 @@ struct Store {
     to_start: Vec<Key>,
     /// A migration to modify right after its next GET (see `interfere_after_next_get`).
     interfere: Option<String>,
+    /// Deleted objects with the resourceVersion of their deletion, for watches.
+    tombstones: Vec<(Key, u64, Value)>,
 }
 
 /// The fake cluster: API server, scheduler and kubelet.
@@ -621,6 +623,9 @@ impl Store {
         let Some(obj) = self.objects.remove(key) else {
             return;
         };
+        self.rv += 1;
+        let rv = self.rv;
+        self.tombstones.push((key.clone(), rv, obj.clone()));
         let uid = obj["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()
@@ -723,6 +728,82 @@ fn route(path: &str) -> Option<Route> {
     }
 }
 
+fn query_param(uri: &http::Uri, key: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            v.replace("%2F", "/")
+                .replace("%3D", "=")
+                .replace("%2f", "/")
+                .replace("%3d", "=")
+        })
+    })
+}
+
+/// A watch, answered as a long poll: every change after the given resourceVersion (objects
+/// with a newer resourceVersion, deletions after it), waiting briefly when there is none. The
+/// watcher re-watches from the last version it saw, so this behaves like a stream.
+async fn watch(store: &Arc<Mutex<Store>>, path: &str, uri: &http::Uri) -> Response<Body> {
+    let Some(r) = route(path) else {
+        return status_error(StatusCode::NOT_FOUND, "NotFound", "no such path");
+    };
+    let since: u64 = query_param(uri, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let selector: Vec<(String, String)> = query_param(uri, "labelSelector")
+        .map(|s| {
+            s.split(',')
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let matches = |k: &Key, o: &Value| {
+        k.0 == r.plural
+            && r.ns.as_ref().is_none_or(|n| *n == k.1)
+            && selector
+                .iter()
+                .all(|(lk, lv)| o["metadata"]["labels"][lk.as_str()] == lv.as_str())
+    };
+    for attempt in 0..2 {
+        let lines = {
+            let s = lock(store);
+            let mut events: Vec<(u64, String)> = Vec::new();
+            for (k, o) in &s.objects {
+                let rv: u64 = o["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if rv > since && matches(k, o) {
+                    events.push((rv, json!({"type": "MODIFIED", "object": o}).to_string()));
+                }
+            }
+            for (k, rv, o) in &s.tombstones {
+                if *rv > since && matches(k, o) {
+                    let mut o = o.clone();
+                    o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    events.push((*rv, json!({"type": "DELETED", "object": o}).to_string()));
+                }
+            }
+            events.sort_by_key(|(rv, _)| *rv);
+            events.into_iter().map(|(_, l)| l).collect::<Vec<_>>()
+        };
+        if !lines.is_empty() || attempt == 1 {
+            let mut body = lines.join("\n");
+            body.push('\n');
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(Body::from(body.into_bytes()))
+                .expect("response");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    respond(StatusCode::OK, &Value::Null)
+}
+
 async fn serve(store: &Arc<Mutex<Store>>, req: Request<Body>) -> Response<Body> {
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -731,6 +812,9 @@ async fn serve(store: &Arc<Mutex<Store>>, req: Request<Body>) -> Response<Body> 
         Some(q) if !q.is_empty() => format!("{method} {path}?{q}"),
         _ => format!("{method} {path}"),
     };
+    if method == http::Method::GET && query_param(&uri, "watch").as_deref() == Some("true") {
+        return watch(store, &path, &uri).await;
+    }
     let body = req.into_body().collect_bytes().await.unwrap_or_default();
     let body: Value = if body.is_empty() {
         Value::Null

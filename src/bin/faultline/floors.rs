@@ -29,6 +29,12 @@ pub struct Floors {
     pub uffd_loop_baseline_us: f64,
     /// One port-I/O exit from the guest to this process and back into the guest.
     pub kvm_exit_us: f64,
+    /// Installing one 4 KiB page into fresh memory on the target, the cost no transfer can go
+    /// below: `UFFDIO_COPY` into missing anonymous memory, `pwrite` into a memfd hole, and
+    /// `pwrite` into an already allocated memfd page (microseconds per page).
+    pub install_uffd_copy_us: f64,
+    pub install_memfd_hole_us: f64,
+    pub install_memfd_allocated_us: f64,
 }
 
 pub fn measure(quick: bool) -> anyhow::Result<Floors> {
@@ -38,6 +44,7 @@ pub fn measure(quick: bool) -> anyhow::Result<Floors> {
     );
     let (fault, baseline) = uffd_vcpu_fault(if quick { 3 } else { 9 })?;
     let exit = kvm_exit(if quick { 3 } else { 9 })?;
+    let (copy, hole, allocated) = install_costs(if quick { 16384 } else { 65536 })?;
     Ok(Floors {
         tcp_bandwidth_bytes_per_sec: bw,
         tcp_rtt_4k_us_p50: p50,
@@ -45,7 +52,42 @@ pub fn measure(quick: bool) -> anyhow::Result<Floors> {
         uffd_vcpu_fault_us: fault,
         uffd_loop_baseline_us: baseline,
         kvm_exit_us: exit,
+        install_uffd_copy_us: copy,
+        install_memfd_hole_us: hole,
+        install_memfd_allocated_us: allocated,
     })
+}
+
+/// Per-page cost of the three ways a target installs pages.
+fn install_costs(pages: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let len = pages * 4096;
+    let page = vec![0x5Au8; 4096];
+    let per_page = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / pages as f64;
+
+    let anon = MmapRegion::anonymous(len as usize)?;
+    let uffd = Userfaultfd::new(0).context("userfaultfd")?;
+    let base = anon.as_ptr() as u64;
+    uffd.register(base, len, MODE_MISSING)?;
+    let t = Instant::now();
+    for p in 0..pages {
+        uffd.copy(base + p * 4096, &page)?;
+    }
+    let copy = per_page(t);
+
+    let fd = rustix::fs::memfd_create("bench", rustix::fs::MemfdFlags::CLOEXEC)?;
+    rustix::fs::ftruncate(&fd, 2 * len)?;
+    let t = Instant::now();
+    for p in 0..pages {
+        rustix::io::pwrite(&fd, &page, p * 4096)?;
+    }
+    let hole = per_page(t);
+    rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::empty(), len, len)?;
+    let t = Instant::now();
+    for p in pages..2 * pages {
+        rustix::io::pwrite(&fd, &page, p * 4096)?;
+    }
+    let allocated = per_page(t);
+    Ok((copy, hole, allocated))
 }
 
 fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {

@@ -26,11 +26,12 @@ const BUSY_VM: &[&str] = &[
     "heavy",
 ];
 
-/// Pre-copy that runs for a long time without any bandwidth limit (so the source answers a
-/// cancel at once): a post-copy migration switches only after all its passes, and a thousand
-/// passes over a busy VM's dirty pages take a while.
+/// Pre-copy that runs for a long time whatever the sidecar's pacing: a post-copy migration
+/// switches only after all its passes, a thousand passes over a busy VM's dirty pages, each
+/// held to 64 MB/s. (A limit this high keeps the source's pauses between its cancellation
+/// checks short.)
 fn long_pre_copy() -> Value {
-    json!({"mode": "PostCopy", "precopyPasses": 1000})
+    json!({"mode": "PostCopy", "precopyPasses": 1000, "bandwidthLimit": 64_000_000})
 }
 
 fn phase(m: Option<&VirtualMachineMigration>) -> Option<Phase> {
@@ -692,6 +693,7 @@ async fn deleting_during_pre_copy_cancels_and_the_source_keeps_running() {
     let c = Cluster::new();
     let op = c.operator(fast_config());
     c.add_vm_pod("vm-1", "node-a", BUSY_VM).await;
+    wait_sweeps(&c, "vm-1", 1).await;
     c.create_migration(
         "move",
         json!({"source": {"pod": "vm-1"}, "policy": long_pre_copy()}),
@@ -833,6 +835,7 @@ async fn a_target_crash_before_commit_fails_the_migration_and_the_source_keeps_r
     let c = Cluster::new();
     let op = c.operator(fast_config());
     c.add_vm_pod("vm-1", "node-a", BUSY_VM).await;
+    wait_sweeps(&c, "vm-1", 1).await;
     c.create_migration(
         "move",
         json!({"source": {"pod": "vm-1"}, "policy": long_pre_copy()}),
@@ -953,4 +956,67 @@ async fn a_concurrent_write_makes_the_reconciler_retry_instead_of_overwriting() 
     // The retry reads the current object and goes on.
     c.reconcile(&op, "m").await;
     assert_eq!(status(&c, "m").phase, Some(Phase::Failed));
+}
+
+/// Progress is mirrored at a bounded rate: within `statusInterval` a reconciliation that only
+/// sees new numbers writes nothing; once the interval has passed it writes them.
+#[tokio::test]
+async fn progress_is_written_at_a_bounded_rate() {
+    if !kvm_available() {
+        return;
+    }
+    let c = Cluster::new();
+    let mut config = fast_config();
+    config.status_interval = Duration::from_secs(3600);
+    let op = c.operator(config);
+    c.add_vm_pod("vm-1", "node-a", BUSY_VM).await;
+    wait_sweeps(&c, "vm-1", 1).await;
+    c.create_migration(
+        "move",
+        json!({"source": {"pod": "vm-1"}, "policy": long_pre_copy()}),
+    );
+    c.reconcile(&op, "move").await;
+    let target = status(&c, "move").target_pod.expect("target");
+    c.wait_pod(&target, Duration::from_secs(60), is_ready)
+        .await
+        .expect("ready");
+    c.reconcile_until(
+        &op,
+        "move",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        |m| phase(m) == Some(Phase::PreCopy),
+    )
+    .await;
+    let written = status(&c, "move").progress.expect("progress");
+    // Pre-copy goes on (the sidecars' numbers change), but nothing is written for an hour.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, log) = c.reconcile(&op, "move").await;
+        assert_eq!(log, [format!("GET {}", mig_path("move"))], "{log:#?}");
+    }
+    assert_eq!(status(&c, "move").progress, Some(written.clone()));
+    c.advance_clock(Duration::from_secs(3601));
+    let (_, log) = c.reconcile(&op, "move").await;
+    assert_eq!(
+        log,
+        [
+            format!("GET {}", mig_path("move")),
+            format!("PUT {}/status", mig_path("move")),
+        ]
+    );
+    let now = status(&c, "move").progress.expect("progress");
+    assert_ne!(now.transferred_bytes, written.transferred_bytes, "{now:?}");
+    assert!(now.updated > written.updated);
+
+    c.delete_migration("move");
+    c.reconcile_until(
+        &op,
+        "move",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        |m| m.is_none(),
+    )
+    .await;
+    assert_eq!(vm_state(&c, "vm-1").await.as_deref(), Some("running"));
 }

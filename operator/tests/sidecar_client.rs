@@ -232,10 +232,12 @@ async fn cancel_before_the_point_of_no_return_is_accepted() {
     let port = dst.node().await.expect("node").migration_port;
     let id = "vms/cancel/1";
     let secret = Secret::generate().expect("secret").to_base64();
-    // A post-copy migration switches only after all its passes: a long pre-copy.
+    // A post-copy migration switches only after all its passes: a long pre-copy (a thousand
+    // paced passes over a busy VM's dirty pages).
     let policy = Policy {
         mode: faultline::sidecar_api::Mode::PostCopy,
         precopy_passes: 1000,
+        bandwidth_limit: 64_000_000,
         ..Policy::default()
     };
     dst.start(&start(id, Role::Target, None, &secret, policy.clone()))

@@ -54,19 +54,51 @@ pub fn is_userfault_exit(flags: u64) -> bool {
 /// them and clears each bit with release ordering once the page's contents are in place.
 ///
 /// The words are atomics so that a fault handler can clear bits while vCPU threads run and
-/// KVM reads the words concurrently.
+/// KVM reads the words concurrently. A bitmap is either private to one process, or **shared**:
+/// kept in a memfd that the VMM (whose vCPUs KVM checks against it) and the sidecar (which
+/// installs pages and clears their bits) both map. A shared bitmap also carries a wake word: a
+/// vCPU waiting for a page sleeps on it (a futex, which works across processes on shared
+/// memory) and the installer bumps it after clearing bits.
 #[derive(Debug)]
 pub struct UserfaultBitmap {
-    words: Box<[AtomicU64]>,
+    words: Words,
+    count: usize,
     pages: u64,
+}
+
+#[derive(Debug)]
+enum Words {
+    Owned(Box<[AtomicU64]>),
+    Shared {
+        map: crate::sys::MmapRegion,
+        fd: std::os::fd::OwnedFd,
+    },
+}
+
+/// Layout of a shared bitmap's memfd: a 64-byte header (u32 wake counter at 0, u32 count of
+/// sleeping vCPUs at 4), then the bitmap words.
+pub const SHARED_HEADER: usize = 64;
+const WAKE_COUNTER: usize = 0;
+const SLEEPERS: usize = 4;
+
+/// A shared bitmap that does not fit its memfd.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedBitmapError {
+    #[error("cannot create the userfault bitmap memfd: {0}")]
+    Create(#[source] std::io::Error),
+    #[error("the userfault bitmap memfd holds {have} bytes; {pages} pages need {need}")]
+    TooSmall { have: u64, need: u64, pages: u64 },
+    #[error(transparent)]
+    Map(#[from] crate::sys::MmapError),
 }
 
 impl UserfaultBitmap {
     /// A bitmap for `pages` pages with no page marked.
     pub fn new(pages: u64) -> Self {
-        let words = pages.div_ceil(64) as usize;
+        let count = (pages.div_ceil(64) as usize).max(1);
         Self {
-            words: (0..words.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            words: Words::Owned((0..count).map(|_| AtomicU64::new(0)).collect()),
+            count,
             pages,
         }
     }
@@ -75,10 +107,111 @@ impl UserfaultBitmap {
     /// arrived).
     pub fn all_marked(pages: u64) -> Self {
         let b = Self::new(pages);
-        for page in 0..pages {
-            b.mark(page);
-        }
+        b.mark_all();
         b
+    }
+
+    /// Bytes a shared bitmap's memfd holds for `pages` pages.
+    pub fn shared_len(pages: u64) -> u64 {
+        (SHARED_HEADER as u64 + pages.div_ceil(64).max(1) * 8).next_multiple_of(PAGE_SIZE)
+    }
+
+    /// A new shared bitmap in a memfd, every page marked.
+    pub fn create_shared(pages: u64) -> Result<Self, SharedBitmapError> {
+        use std::os::fd::AsFd;
+        let fd = rustix::fs::memfd_create(
+            "faultline-userfault-bitmap",
+            rustix::fs::MemfdFlags::CLOEXEC,
+        )
+        .map_err(|e| SharedBitmapError::Create(e.into()))?;
+        let len = Self::shared_len(pages);
+        rustix::fs::ftruncate(&fd, len).map_err(|e| SharedBitmapError::Create(e.into()))?;
+        let map = crate::sys::MmapRegion::shared(fd.as_fd(), 0, len as usize)?;
+        let b = Self::from_shared(map, fd, pages);
+        b.mark_all();
+        Ok(b)
+    }
+
+    /// Maps a shared bitmap another process created (its memfd came over SCM_RIGHTS).
+    pub fn open_shared(fd: std::os::fd::OwnedFd, pages: u64) -> Result<Self, SharedBitmapError> {
+        use std::os::fd::AsFd;
+        let need = Self::shared_len(pages);
+        let have = rustix::fs::fstat(&fd)
+            .map_err(|e| SharedBitmapError::Create(e.into()))?
+            .st_size as u64;
+        if have < need {
+            return Err(SharedBitmapError::TooSmall { have, need, pages });
+        }
+        let map = crate::sys::MmapRegion::shared(fd.as_fd(), 0, need as usize)?;
+        Ok(Self::from_shared(map, fd, pages))
+    }
+
+    fn from_shared(map: crate::sys::MmapRegion, fd: std::os::fd::OwnedFd, pages: u64) -> Self {
+        Self {
+            words: Words::Shared { map, fd },
+            count: (pages.div_ceil(64) as usize).max(1),
+            pages,
+        }
+    }
+
+    /// The memfd of a shared bitmap, to hand to the other process.
+    pub fn shared_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match &self.words {
+            Words::Shared { fd, .. } => Some(fd.as_fd()),
+            Words::Owned(_) => None,
+        }
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        match &self.words {
+            Words::Owned(w) => w,
+            // SAFETY: the mapping holds SHARED_HEADER + count * 8 bytes (checked when it was
+            // created or opened), is page aligned so the words are 8-byte aligned, lives as
+            // long as `self`, and is only ever accessed through atomics — by us, the other
+            // process and KVM (which only reads it).
+            Words::Shared { map, .. } => unsafe {
+                std::slice::from_raw_parts(
+                    map.as_ptr().add(SHARED_HEADER).cast::<AtomicU64>(),
+                    self.count,
+                )
+            },
+        }
+    }
+
+    fn header_word(&self, offset: usize) -> Option<&std::sync::atomic::AtomicU32> {
+        match &self.words {
+            Words::Owned(_) => None,
+            // SAFETY: the header's first 8 bytes are two u32 words used only through atomics;
+            // the mapping is page aligned and outlives the reference.
+            Words::Shared { map, .. } => Some(unsafe {
+                &*map
+                    .as_ptr()
+                    .add(offset)
+                    .cast::<std::sync::atomic::AtomicU32>()
+            }),
+        }
+    }
+
+    /// Marks every page.
+    pub fn mark_all(&self) {
+        let words = self.words();
+        for (i, w) in words.iter().enumerate() {
+            let bits = if (i as u64 + 1) * 64 <= self.pages {
+                u64::MAX
+            } else {
+                (1u64 << (self.pages % 64)) - 1
+            };
+            w.store(bits, Ordering::SeqCst);
+        }
+    }
+
+    /// Leaves marked exactly the pages set in `still_missing` (a bitmap of the same size in
+    /// [`crate::bitmap::PageBitmap`] layout), word by word.
+    pub fn keep_only(&self, still_missing: &crate::bitmap::PageBitmap) {
+        for (w, &bits) in self.words().iter().zip(still_missing.words()) {
+            w.store(bits, Ordering::Release);
+        }
     }
 
     pub fn pages(&self) -> u64 {
@@ -97,24 +230,24 @@ impl UserfaultBitmap {
     /// Marks `page`: the next vCPU fault on it exits to userspace.
     pub fn mark(&self, page: u64) {
         let (w, bit) = self.locate(page);
-        self.words[w].fetch_or(bit, Ordering::SeqCst);
+        self.words()[w].fetch_or(bit, Ordering::SeqCst);
     }
 
     /// Clears `page`'s mark with release ordering (after its contents were written); returns
     /// whether it was marked.
     pub fn clear(&self, page: u64) -> bool {
         let (w, bit) = self.locate(page);
-        self.words[w].fetch_and(!bit, Ordering::Release) & bit != 0
+        self.words()[w].fetch_and(!bit, Ordering::Release) & bit != 0
     }
 
     pub fn is_marked(&self, page: u64) -> bool {
         let (w, bit) = self.locate(page);
-        self.words[w].load(Ordering::Acquire) & bit != 0
+        self.words()[w].load(Ordering::Acquire) & bit != 0
     }
 
     /// How many pages are marked.
     pub fn count_marked(&self) -> u64 {
-        self.words
+        self.words()
             .iter()
             .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
             .sum()
@@ -129,7 +262,54 @@ impl UserfaultBitmap {
     /// The address to put in `kvm_userspace_memory_region2.userfault_bitmap`. Valid while
     /// `self` lives: drop the memslot (or clear its flag) before the bitmap.
     pub fn user_addr(&self) -> u64 {
-        self.words.as_ptr() as u64
+        self.words().as_ptr() as u64
+    }
+
+    /// Shared bitmaps: sleeps until `page` is cleared, or `timeout` passes (true when
+    /// cleared). The eventcount pattern: read the wake counter, re-check the bit, sleep only if
+    /// the counter has not moved, so a clear between the check and the sleep is never missed.
+    pub fn wait_cleared(&self, page: u64, timeout: std::time::Duration) -> bool {
+        let (Some(counter), Some(sleepers)) =
+            (self.header_word(WAKE_COUNTER), self.header_word(SLEEPERS))
+        else {
+            return !self.is_marked(page);
+        };
+        let seen = counter.load(Ordering::SeqCst);
+        if !self.is_marked(page) {
+            return true;
+        }
+        sleepers.fetch_add(1, Ordering::SeqCst);
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        // Not PRIVATE: the waker is another process sharing the memfd.
+        let _ = rustix::thread::futex::wait(
+            counter,
+            rustix::thread::futex::Flags::empty(),
+            seen,
+            Some(&ts),
+        );
+        sleepers.fetch_sub(1, Ordering::SeqCst);
+        !self.is_marked(page)
+    }
+
+    /// Shared bitmaps: wakes every vCPU sleeping in [`UserfaultBitmap::wait_cleared`], after
+    /// bits were cleared. Costs a system call only when someone sleeps.
+    pub fn wake(&self) {
+        let (Some(counter), Some(sleepers)) =
+            (self.header_word(WAKE_COUNTER), self.header_word(SLEEPERS))
+        else {
+            return;
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        if sleepers.load(Ordering::SeqCst) > 0 {
+            let _ = rustix::thread::futex::wake(
+                counter,
+                rustix::thread::futex::Flags::empty(),
+                u32::MAX,
+            );
+        }
     }
 }
 
@@ -242,6 +422,40 @@ mod tests {
         // SAFETY: the bitmap owns three live u64 words at user_addr().
         let words = unsafe { std::slice::from_raw_parts(b.user_addr() as *const u64, 3) };
         assert_eq!(words, &[1, 0, 1 << 1]);
+    }
+
+    #[test]
+    fn shared_bitmap_crosses_mappings_and_wakes_sleepers() {
+        let vmm = std::sync::Arc::new(UserfaultBitmap::create_shared(100).unwrap());
+        assert_eq!(vmm.count_marked(), 100);
+        let fd = vmm.shared_fd().unwrap().try_clone_to_owned().unwrap();
+        let sidecar = UserfaultBitmap::open_shared(fd, 100).unwrap();
+        assert!(sidecar.is_marked(77));
+        let waiter = {
+            let vmm = vmm.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                let cleared = vmm.wait_cleared(77, std::time::Duration::from_secs(10));
+                (cleared, t.elapsed())
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(sidecar.clear(77));
+        sidecar.wake();
+        let (cleared, waited) = waiter.join().unwrap();
+        assert!(cleared);
+        assert!(
+            waited < std::time::Duration::from_secs(5),
+            "woken, not timed out"
+        );
+        assert!(!vmm.is_marked(77));
+        let mut missing = crate::bitmap::PageBitmap::new(100);
+        missing.set(3);
+        sidecar.keep_only(&missing);
+        assert_eq!(vmm.count_marked(), 1);
+        assert!(vmm.is_marked(3));
+        let short = rustix::fs::memfd_create("x", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        assert!(UserfaultBitmap::open_shared(short, 100).is_err());
     }
 
     #[test]

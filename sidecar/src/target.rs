@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -14,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use faultline::guest_memory::GuestMemory;
-use faultline::postcopy::{FaultOutcome, Installed, Installer};
+use faultline::layout::BackingKind;
+use faultline::postcopy::{FaultOutcome, Installed, Installer, Trap, TrapKind};
 use faultline::sidecar_api::{Mode, Phase, TrapChoice};
 use faultline::sys::uffd::{Event, Userfaultfd};
 use faultline::trap::TrapBackend;
 use faultline::vmm_protocol::VmmClient;
-use faultline::vmm_protocol::messages::{HelloReply, UffdMode};
+use faultline::vmm_protocol::messages::{Event as VmmEvent, HelloReply, UffdMode};
 use faultline::wire::frame::{FrameReader, FrameType};
 use faultline::wire::handshake::Channel;
 use faultline::wire::{Control, FaultRequest, PagesBatch, SwitchOver, WireError, layout_digest};
@@ -165,34 +167,53 @@ impl Target<'_> {
         mt.zero_pages.get_or_create(&self.role).inc_by(zero);
     }
 
-    /// Picks and arms the trap the source's plan needs, or says why there is none.
-    fn arm_trap(&mut self, postcopy: bool) -> Result<Option<Userfaultfd>, String> {
+    /// Picks and arms the trap the source's plan needs, or says why there is none. For KVM
+    /// Userfault, also returns the connection the VMM reports faults on.
+    fn arm_trap(&mut self, postcopy: bool) -> Result<(Trap, Option<VmmClient>), String> {
         if !postcopy {
-            return Ok(None);
+            return Ok((Trap::None, None));
         }
         let uffd_cap = self.hello.capability("userfaultfd").cloned();
+        let kvm_cap = self.hello.capability("kvm-userfault").cloned();
         let uffd_ok = uffd_cap.as_ref().is_some_and(|c| c.available);
+        let kvm_ok = kvm_cap.as_ref().is_some_and(|c| c.available);
         let backing = self.hello.layout.regions[0].backing;
-        match self.m.policy.trap {
-            TrapChoice::KvmUserfault => {
+        let offered = format!(
+            "{backing} memory here offers userfaultfd {}, kvm-userfault {}",
+            describe(uffd_cap.as_ref()),
+            describe(kvm_cap.as_ref())
+        );
+        // userfaultfd also catches the VMM's and KVM's own accesses, so it is preferred where
+        // it works; guest_memfd is reached by vCPUs without a host address, which only KVM
+        // Userfault traps.
+        let use_kvm = match self.m.policy.trap {
+            TrapChoice::KvmUserfault if kvm_ok => true,
+            TrapChoice::Userfaultfd if uffd_ok => false,
+            TrapChoice::Auto if backing == BackingKind::GuestMemfd && kvm_ok => true,
+            TrapChoice::Auto if uffd_ok => false,
+            TrapChoice::Auto if kvm_ok => true,
+            choice => {
                 return Err(format!(
-                    "trap kvm-userfault was requested, but this VMM does not implement it (the reference VMM's kvm-userfault backend is not built yet); {backing} memory here offers: userfaultfd {}",
-                    describe(uffd_cap.as_ref())
+                    "no usable trap mechanism ({choice:?} requested): {offered}"
                 ));
             }
-            TrapChoice::Auto | TrapChoice::Userfaultfd if !uffd_ok => {
-                return Err(format!(
-                    "no trap mechanism for {backing} memory on this node: userfaultfd {}; kvm-userfault is not implemented by this VMM",
-                    describe(uffd_cap.as_ref())
-                ));
-            }
-            _ => {}
+        };
+        if use_kvm {
+            let mut events = VmmClient::connect(&self.sidecar.vmm_socket)
+                .map_err(|e| format!("cannot open the VMM's event connection: {e}"))?;
+            let (reply, fd) = events
+                .kvm_userfault_arm()
+                .map_err(|e| format!("the VMM could not arm KVM Userfault: {e}"))?;
+            let bitmap = faultline::kvm_userfault::UserfaultBitmap::open_shared(fd, reply.pages)
+                .map_err(|e| format!("cannot map the VMM's userfault bitmap: {e}"))?;
+            Ok((Trap::KvmUserfault(bitmap), Some(events)))
+        } else {
+            let (_, fd) = self
+                .vmm
+                .userfaultfd_register(UffdMode::Missing)
+                .map_err(|e| format!("the VMM could not register RAM with userfaultfd: {e}"))?;
+            Ok((Trap::Userfaultfd(Userfaultfd::from(fd)), None))
         }
-        let (_, fd) = self
-            .vmm
-            .userfaultfd_register(UffdMode::Missing)
-            .map_err(|e| format!("the VMM could not register RAM with userfaultfd: {e}"))?;
-        Ok(Some(Userfaultfd::from(fd)))
     }
 
     fn migrate(
@@ -221,14 +242,14 @@ impl Target<'_> {
                 self.total
             )));
         }
-        let uffd = match self.arm_trap(postcopy) {
-            Ok(u) => u,
+        let (trap, events) = match self.arm_trap(postcopy) {
+            Ok(t) => t,
             // A hybrid migration may fall back to pre-copy; the source decides, told by a
             // ready without a trap.
             Err(why) if mode == Mode::Hybrid => {
                 tracing::warn!("post-copy unavailable, offering pre-copy only: {why}");
                 m.set_message(format!("post-copy unavailable: {why}"));
-                None
+                (Trap::None, None)
             }
             Err(why) => {
                 let _ = Control::Cancel {
@@ -238,16 +259,20 @@ impl Target<'_> {
                 return Err(Stop::failed(why));
             }
         };
-        let trap = uffd.as_ref().map(|_| TrapBackend::Userfaultfd);
+        let installer = Arc::new(Installer::new(mem, trap));
+        let trap = match installer.trap() {
+            TrapKind::None => None,
+            TrapKind::UserfaultfdMissing => Some(TrapBackend::Userfaultfd),
+            TrapKind::KvmUserfault => Some(TrapBackend::KvmUserfault),
+        };
         m.set_trap(trap);
-        let installer = Arc::new(Installer::new(mem, uffd));
         if precopy
             && !self
                 .hello
                 .layout
                 .regions
                 .iter()
-                .all(|r| r.backing == faultline::layout::BackingKind::Anon)
+                .all(|r| r.backing == BackingKind::Anon)
         {
             installer
                 .start_preallocation()
@@ -346,12 +371,20 @@ impl Target<'_> {
 
         if !installer.states().all_valid() {
             let urgent = conns.take(Channel::Urgent, m, deadline + Duration::from_secs(3600))?;
-            self.postcopy(&installer, &mut reader, urgent)?;
+            self.postcopy(&installer, events, &mut reader, urgent)?;
         }
-        if installer.uffd().is_some() {
-            self.vmm
-                .userfaultfd_disarm()
-                .context("cannot disarm the userfaultfd")?;
+        match installer.trap() {
+            TrapKind::UserfaultfdMissing => {
+                self.vmm
+                    .userfaultfd_disarm()
+                    .context("cannot disarm the userfaultfd")?;
+            }
+            TrapKind::KvmUserfault => {
+                self.vmm
+                    .kvm_userfault_disarm()
+                    .context("cannot disarm KVM Userfault")?;
+            }
+            TrapKind::None => {}
         }
         let faults = m.counters.faults.load(Ordering::Relaxed);
         Control::Complete { faults }.write(&mut writer)?;
@@ -366,6 +399,7 @@ impl Target<'_> {
     fn postcopy(
         &self,
         installer: &Arc<Installer>,
+        events: Option<VmmClient>,
         reader: &mut FrameReader<TcpStream>,
         urgent: TcpStream,
     ) -> Result<(), Stop> {
@@ -385,7 +419,7 @@ impl Target<'_> {
                 std::thread::Builder::new()
                     .name("fault-handler".into())
                     .spawn_scoped(scope, move || {
-                        self.handle_faults(&installer, urgent, &waiting, &done)
+                        self.handle_faults(&installer, events, urgent, &waiting, &done)
                     })
                     .context("cannot start the fault handler")?
             };
@@ -485,26 +519,31 @@ impl Target<'_> {
         Ok(())
     }
 
-    /// Reads userfaultfd events and fault replies until every page is valid: a first fault on a
-    /// missing page sends a request on the urgent channel; a fault on a page that became valid
-    /// meanwhile is woken at once.
+    /// Reads fault events (from the userfaultfd, or from the VMM under KVM Userfault) and
+    /// fault replies until every page is valid: a first fault on a missing page sends a
+    /// request on the urgent channel; a fault on a page that became valid meanwhile is woken
+    /// at once.
     fn handle_faults(
         &self,
         installer: &Installer,
+        mut events: Option<VmmClient>,
         urgent: TcpStream,
         waiting: &Waiting,
         done: &AtomicBool,
     ) -> anyhow::Result<()> {
-        let uffd = installer
-            .uffd()
-            .ok_or_else(|| anyhow!("post-copy without a trap"))?;
         let mem = installer.memory();
         let mut writer = urgent.try_clone().context("clone urgent socket")?;
         let mut reader = FrameReader::new(urgent);
         let mut requests = Vec::new();
+        let mut faulted_pages = Vec::new();
         while !installer.states().all_valid() && !done.load(Ordering::Acquire) {
+            let source_fd = match (installer.uffd(), &events) {
+                (Some(uffd), _) => uffd.as_fd(),
+                (None, Some(client)) => client.socket(),
+                (None, None) => bail!("post-copy without a trap"),
+            };
             let mut fds = [
-                PollFd::new(uffd, PollFlags::IN),
+                PollFd::new(&source_fd, PollFlags::IN),
                 PollFd::new(reader.get_ref(), PollFlags::IN),
             ];
             let timeout = rustix::time::Timespec {
@@ -517,18 +556,30 @@ impl Target<'_> {
             }
             let (faulted, replied) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
             if faulted {
+                faulted_pages.clear();
+                if let Some(uffd) = installer.uffd() {
+                    for event in uffd.read_events(64).context("reading faults")? {
+                        let Event::PageFault { address, .. } = event else {
+                            continue;
+                        };
+                        match mem.page_of_host_addr(address) {
+                            Some(page) => faulted_pages.push(page),
+                            None => tracing::warn!(
+                                address = format_args!("{address:#x}"),
+                                "fault outside guest RAM"
+                            ),
+                        }
+                    }
+                } else if let Some(client) = events.as_mut() {
+                    let VmmEvent::Userfault { page, .. } = client
+                        .next_event()
+                        .context("the VMM's userfault events stopped")?;
+                    if page < self.total {
+                        faulted_pages.push(page);
+                    }
+                }
                 requests.clear();
-                for event in uffd.read_events(64).context("reading faults")? {
-                    let Event::PageFault { address, .. } = event else {
-                        continue;
-                    };
-                    let Some(page) = mem.page_of_host_addr(address) else {
-                        tracing::warn!(
-                            address = format_args!("{address:#x}"),
-                            "fault outside guest RAM"
-                        );
-                        continue;
-                    };
+                for &page in &faulted_pages {
                     match installer.states().fault(page) {
                         FaultOutcome::Fetch => {
                             waiting

@@ -9,6 +9,10 @@
 //! [`PageStates`] so each page is installed exactly once, with `UFFDIO_COPY` /
 //! `UFFDIO_ZEROPAGE`, which map the page and wake every vCPU waiting for it in one step.
 //!
+//! Under KVM Userfault (guest_memfd memory, which userfaultfd cannot trap) a page faults while
+//! its bit in the shared userfault bitmap is set, whatever memory holds: installing is writing
+//! the page and then clearing its bit, and switch-over only sets the bits of the invalid pages.
+//!
 //! Missing mode is used for shared memory too, not minor mode: on our development machines
 //! every page-table update is expensive (UFFDIO_CONTINUE measured at ~10 µs per page), and
 //! minor mode would have to map every pre-copied page into the VMM before it resumes (2.7 s for
@@ -19,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::bitmap::PageBitmap;
 use crate::guest_memory::{GuestMemory, GuestMemoryError};
+use crate::kvm_userfault::UserfaultBitmap;
 use crate::layout::{BackingKind, PAGE_SIZE};
 use crate::sys::uffd::{UffdError, Userfaultfd};
 use crate::wire::PagesBatch;
@@ -43,6 +48,17 @@ pub enum TrapKind {
     None,
     /// userfaultfd in missing mode on the VMM's mapping.
     UserfaultfdMissing,
+    /// KVM Userfault: a marked page makes a vCPU exit; installing clears its mark.
+    KvmUserfault,
+}
+
+/// The armed trap an installer works with.
+pub enum Trap {
+    None,
+    /// A userfaultfd with the VMM's RAM registered in missing mode.
+    Userfaultfd(Userfaultfd),
+    /// The VMM's KVM Userfault bitmap, shared with it (every page marked when armed).
+    KvmUserfault(UserfaultBitmap),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +76,7 @@ pub enum InstallError {
 pub struct Installer {
     mem: Arc<GuestMemory>,
     uffd: Option<Userfaultfd>,
+    userfault: Option<UserfaultBitmap>,
     states: PageStates,
     /// Pages holding pre-copied data in the target (written into the file, or created in the
     /// VMM's anonymous memory).
@@ -71,11 +88,17 @@ pub struct Installer {
 }
 
 impl Installer {
-    pub fn new(mem: GuestMemory, uffd: Option<Userfaultfd>) -> Self {
+    pub fn new(mem: GuestMemory, trap: Trap) -> Self {
         let pages = mem.total_pages();
+        let (uffd, userfault) = match trap {
+            Trap::None => (None, None),
+            Trap::Userfaultfd(u) => (Some(u), None),
+            Trap::KvmUserfault(b) => (None, Some(b)),
+        };
         Self {
             mem: Arc::new(mem),
             uffd,
+            userfault,
             states: PageStates::new(pages),
             populated: Mutex::new(PageBitmap::new(pages)),
             preallocation: Mutex::new(None),
@@ -125,9 +148,15 @@ impl Installer {
     pub fn trap(&self) -> TrapKind {
         if self.uffd.is_some() {
             TrapKind::UserfaultfdMissing
+        } else if self.userfault.is_some() {
+            TrapKind::KvmUserfault
         } else {
             TrapKind::None
         }
+    }
+
+    pub fn userfault_bitmap(&self) -> Option<&UserfaultBitmap> {
+        self.userfault.as_ref()
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -213,8 +242,20 @@ impl Installer {
     /// which only the VMM can drop (VMM protocol `discard`).
     pub fn switch_over(&self, invalid: &PageBitmap) -> Result<PageBitmap, InstallError> {
         let pages = self.mem.total_pages();
-        if self.uffd.is_none() && !invalid.is_empty() {
+        if self.trap() == TrapKind::None && !invalid.is_empty() {
             return Err(InstallError::InvalidWithoutTrap(invalid.count()));
+        }
+        if let Some(bitmap) = &self.userfault {
+            // Under KVM Userfault a page faults while marked, whatever memory holds: mark
+            // exactly the invalid pages, and nothing needs punching or discarding.
+            self.finish_preallocation()?;
+            bitmap.keep_only(invalid);
+            for p in 0..pages {
+                if !invalid.test(p) {
+                    self.states.set_valid(p);
+                }
+            }
+            return Ok(PageBitmap::new(pages));
         }
         // A page allocated by preallocation but not valid must be punched like a stale one.
         self.finish_preallocation()?;
@@ -268,6 +309,13 @@ impl Installer {
     }
 
     fn place(&self, page: u64, data: Option<&[u8]>) -> Result<(), InstallError> {
+        if let Some(bitmap) = &self.userfault {
+            // Contents first, then the mark off (release), then wake the sleepers.
+            self.mem.write(page, data.unwrap_or(&self.zeros[..PAGE]))?;
+            bitmap.clear(page);
+            bitmap.wake();
+            return Ok(());
+        }
         let Some(uffd) = &self.uffd else {
             match data {
                 Some(bytes) => self.mem.write(page, bytes)?,
@@ -297,11 +345,9 @@ impl Installer {
         if let Some(uffd) = &self.uffd {
             uffd.wake(self.mem.host_addr(page)?, PAGE_SIZE)?;
         }
+        if let Some(bitmap) = &self.userfault {
+            bitmap.wake();
+        }
         Ok(())
-    }
-
-    /// Drops the userfaultfd (after the VMM disarmed it).
-    pub fn release_trap(&mut self) {
-        self.uffd = None;
     }
 }

@@ -7,5 +7,5 @@
 pub mod installer;
 pub mod page_states;
 
-pub use installer::{InstallError, Installed, Installer, TrapKind};
+pub use installer::{InstallError, Installed, Installer, Trap, TrapKind};
 pub use page_states::{FaultOutcome, PageStates};

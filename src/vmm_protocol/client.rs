@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use super::conn::{ConnError, Connection, Frame};
 use super::frame::FrameKind;
 use super::messages::{
-    DirtyLogReply, ErrorReply, HelloReply, Request, SavedState, StateReply, UffdMode,
-    UffdRegisterReply, VmState, VmStatus,
+    DirtyLogReply, ErrorReply, Event, HelloReply, KvmUserfaultArmReply, Request, SavedState,
+    StateReply, UffdMode, UffdRegisterReply, VmState, VmStatus,
 };
 use crate::bitmap::PageBitmap;
 
@@ -212,6 +212,39 @@ impl VmmClient {
             });
         }
         Ok((reply, frame.fds.remove(0)))
+    }
+
+    /// Arms KVM Userfault; returns the shared bitmap's memfd. This connection then carries
+    /// only events: read them with [`VmmClient::next_event`].
+    pub fn kvm_userfault_arm(&mut self) -> Result<(KvmUserfaultArmReply, OwnedFd), ClientError> {
+        let (reply, mut frame): (KvmUserfaultArmReply, _) =
+            self.call_json(&Request::KvmUserfaultArm, &[])?;
+        if frame.fds.len() != 1 {
+            return Err(ClientError::BadReply {
+                op: "kvm_userfault_arm",
+                what: format!("expected 1 descriptor, got {}", frame.fds.len()),
+            });
+        }
+        Ok((reply, frame.fds.remove(0)))
+    }
+
+    pub fn kvm_userfault_disarm(&mut self) -> Result<VmState, ClientError> {
+        self.call_state(Request::KvmUserfaultDisarm)
+    }
+
+    /// Reads the next event frame (on a connection that armed KVM Userfault).
+    pub fn next_event(&mut self) -> Result<Event, ClientError> {
+        let frame = self.conn.read_frame()?;
+        if frame.header.kind != FrameKind::Event {
+            return Err(ClientError::BadReply {
+                op: "kvm_userfault_arm",
+                what: format!("expected an event, got a {:?} frame", frame.header.kind),
+            });
+        }
+        crate::strict_json::from_slice(&frame.json).map_err(|what| ClientError::BadReply {
+            op: "kvm_userfault_arm",
+            what,
+        })
     }
 
     pub fn userfaultfd_disarm(&mut self) -> Result<VmState, ClientError> {

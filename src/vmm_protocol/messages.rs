@@ -42,6 +42,12 @@ pub enum Request {
     /// Incoming mode, before the first resume: drop the pages set in the bitmap (binary part,
     /// global page numbering) so that they read as missing again.
     Discard,
+    /// Incoming mode, before the first resume: arm KVM Userfault on all RAM with every page
+    /// marked. The reply carries the shared bitmap's memfd; from then on the VMM reads nothing
+    /// more from this connection and sends userfault events on it.
+    KvmUserfaultArm,
+    /// Turn KVM Userfault off (every page is valid).
+    KvmUserfaultDisarm,
     /// Ends the VMM process after replying.
     Shutdown,
 }
@@ -62,6 +68,8 @@ impl Request {
         "userfaultfd_register",
         "userfaultfd_disarm",
         "discard",
+        "kvm_userfault_arm",
+        "kvm_userfault_disarm",
         "shutdown",
     ];
 
@@ -80,6 +88,8 @@ impl Request {
             Self::UserfaultfdRegister { .. } => "userfaultfd_register",
             Self::UserfaultfdDisarm => "userfaultfd_disarm",
             Self::Discard => "discard",
+            Self::KvmUserfaultArm => "kvm_userfault_arm",
+            Self::KvmUserfaultDisarm => "kvm_userfault_disarm",
             Self::Shutdown => "shutdown",
         }
     }
@@ -127,6 +137,24 @@ pub struct UffdRegisterReply {
     pub features: u64,
     /// The resolving ioctls UFFDIO_REGISTER allows on the RAM (bit n = ioctl number n).
     pub ioctls: u64,
+}
+
+/// Reply to `kvm_userfault_arm`; the bitmap's memfd is descriptor 0. Its layout: a header of
+/// `header_bytes` (u32 wake counter at 0, u32 sleeper count at 4) and then the bitmap, one bit
+/// per page of the layout's global numbering, little-endian u64 words.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KvmUserfaultArmReply {
+    pub pages: u64,
+    pub header_bytes: u64,
+}
+
+/// Unsolicited messages from the VMM (frame kind 4).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// A vCPU touched a page marked in the KVM Userfault bitmap and waits for it.
+    Userfault { vcpu: u32, gpa: u64, page: u64 },
 }
 
 /// Why a request failed.
@@ -334,6 +362,8 @@ mod tests {
             },
             Request::UserfaultfdDisarm,
             Request::Discard,
+            Request::KvmUserfaultArm,
+            Request::KvmUserfaultDisarm,
             Request::Shutdown,
         ];
         assert_eq!(all.len(), Request::OPS.len());

@@ -82,6 +82,15 @@ fn handle(mut conn: Connection, vm: &Vm) {
             }
         };
         let id = frame.header.id;
+        if frame.header.kind == FrameKind::Request
+            && frame.fds.is_empty()
+            && frame.blob.is_empty()
+            && Request::parse(&frame.json) == Ok(Request::KvmUserfaultArm)
+        {
+            // This connection becomes the event channel: arm, reply, and read no more.
+            arm_kvm_userfault(conn, vm, id);
+            return;
+        }
         let shutdown = match respond(&mut conn, vm, frame) {
             Ok(shutdown) => shutdown,
             Err(e) => {
@@ -92,6 +101,34 @@ fn handle(mut conn: Connection, vm: &Vm) {
         if shutdown {
             tracing::info!(request = id, "shutdown requested over the control socket");
             vm.request_shutdown();
+        }
+    }
+}
+
+fn arm_kvm_userfault(mut conn: Connection, vm: &Vm, id: u32) {
+    let events = match conn.stream().try_clone() {
+        Ok(s) => Connection::new(s),
+        Err(e) => {
+            let _ = reply_error(
+                &mut conn,
+                id,
+                ErrorReply::new(
+                    ErrorCode::Failed,
+                    format!("cannot share the connection: {e}"),
+                ),
+            );
+            return;
+        }
+    };
+    match vm.kvm_userfault_arm(events) {
+        Ok((reply, fd)) => {
+            let json = serde_json::to_vec(&reply).unwrap_or_default();
+            if let Err(e) = conn.write_frame(FrameKind::Reply, id, &json, &[], &[fd.as_fd()]) {
+                tracing::error!("cannot answer kvm_userfault_arm: {e}");
+            }
+        }
+        Err(e) => {
+            let _ = reply_error(&mut conn, id, e);
         }
     }
 }
@@ -148,6 +185,15 @@ fn respond(conn: &mut Connection, vm: &Vm, frame: Frame) -> std::io::Result<bool
         Request::DirtyLogStart => send(conn, id, state(vm.dirty_log_start()))?,
         Request::Discard => send(conn, id, state(vm.discard(&frame.blob)))?,
         Request::UserfaultfdDisarm => send(conn, id, state(vm.userfaultfd_disarm()))?,
+        Request::KvmUserfaultDisarm => send(conn, id, state(vm.kvm_userfault_disarm()))?,
+        // Handled in `handle`, which gives the connection over to events.
+        Request::KvmUserfaultArm => {
+            let e = ErrorReply::new(
+                ErrorCode::Failed,
+                "kvm_userfault_arm reached the wrong path",
+            );
+            reply_error(conn, id, e)?
+        }
         Request::UserfaultfdRegister { mode } => match vm.userfaultfd_register(mode) {
             Ok((reply, fd)) => {
                 let json = serde_json::to_vec(&reply).unwrap_or_default();

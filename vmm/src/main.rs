@@ -11,6 +11,7 @@ mod cpuid;
 mod guest;
 mod memory;
 mod state;
+mod userfault;
 mod vcpu;
 mod vm;
 

@@ -6,20 +6,13 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use faultline::kvm_userfault::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS, Memslot,
+};
 use faultline::layout::{BackingKind, MemoryLayout, PAGE_SIZE, Region};
 use faultline::sys::MmapRegion;
-use kvm_bindings::{
-    KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, kvm_create_guest_memfd,
-    kvm_userspace_memory_region, kvm_userspace_memory_region2,
-};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_create_guest_memfd, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, VmFd};
-
-/// `KVM_CAP_GUEST_MEMFD_FLAGS` (Linux 6.18; absent from kvm-bindings 0.14).
-pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
-/// `GUEST_MEMFD_FLAG_MMAP`: the guest_memfd can be mmap()ed by userspace.
-pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
-/// `GUEST_MEMFD_FLAG_INIT_SHARED`: its pages start shared, so userspace may fault them in.
-pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 
 /// The one memslot the reference VMM uses for RAM.
 const RAM_SLOT: u32 = 0;
@@ -160,50 +153,53 @@ impl GuestMemory {
         }
     }
 
-    /// Creates or updates the RAM memslot. `log_dirty` turns KVM dirty logging on or off.
-    pub fn set_memslot(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
-        let dirty = if log_dirty {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        };
+    /// Creates or updates the RAM memslot. `log_dirty` turns KVM dirty logging on or off;
+    /// `userfault_bitmap` (the bitmap's address) arms KVM Userfault.
+    pub fn set_memslot(
+        &self,
+        vm: &VmFd,
+        log_dirty: bool,
+        userfault_bitmap: Option<u64>,
+    ) -> Result<(), MemoryError> {
         let userspace_addr = self.mapping.as_ptr() as u64;
-
-        match self.backing {
-            BackingKind::GuestMemfd => {
-                let flags = KVM_MEM_GUEST_MEMFD | dirty;
-                let region = kvm_userspace_memory_region2 {
-                    slot: RAM_SLOT,
-                    flags,
-                    guest_phys_addr: 0,
-                    memory_size: self.size,
-                    userspace_addr,
-                    guest_memfd_offset: 0,
-                    guest_memfd: self.fd.as_raw_fd() as u32,
-                    ..Default::default()
-                };
-                // SAFETY: the region describes `self.mapping` and `self.fd`, both of which live
-                // as long as the VM does (the VM is dropped before its memory).
-                unsafe { vm.set_user_memory_region2(region) }
-                    .map_err(|source| MemoryError::Memslot { flags, source })
-            }
-            BackingKind::Anon | BackingKind::Memfd => {
-                let region = kvm_userspace_memory_region {
-                    slot: RAM_SLOT,
-                    flags: dirty,
-                    guest_phys_addr: 0,
-                    memory_size: self.size,
-                    userspace_addr,
-                };
-                // SAFETY: as above, the mapping outlives the VM's use of it.
-                unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
-                    MemoryError::Memslot {
-                        flags: dirty,
-                        source,
-                    }
-                })
-            }
+        let guest_memfd =
+            (self.backing == BackingKind::GuestMemfd).then(|| (self.fd.as_raw_fd() as u32, 0));
+        if guest_memfd.is_none() && userfault_bitmap.is_none() {
+            // The original ioctl, so kernels without KVM_SET_USER_MEMORY_REGION2 work too.
+            let flags = if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            };
+            let region = kvm_userspace_memory_region {
+                slot: RAM_SLOT,
+                flags,
+                guest_phys_addr: 0,
+                memory_size: self.size,
+                userspace_addr,
+            };
+            // SAFETY: the region describes `self.mapping`, which outlives the VM's use of it
+            // (the VM is dropped before its memory).
+            return unsafe { vm.set_user_memory_region(region) }
+                .map_err(|source| MemoryError::Memslot { flags, source });
         }
+        let slot = Memslot {
+            slot: RAM_SLOT,
+            guest_phys_addr: 0,
+            memory_size: self.size,
+            userspace_addr,
+            guest_memfd,
+            log_dirty_pages: log_dirty,
+            userfault_bitmap,
+        };
+        // SAFETY: the region describes `self.mapping` and `self.fd`, and the bitmap the caller
+        // keeps alive while the flag is on; all outlive the VM's use of them.
+        unsafe { vm.set_user_memory_region2(slot.region2()) }.map_err(|source| {
+            MemoryError::Memslot {
+                flags: slot.flags(),
+                source,
+            }
+        })
     }
 
     /// Writes `data` at guest-physical `gpa` from the VMM side: pwrite for memfd (no page

@@ -20,6 +20,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::accounting::Accounting;
+use crate::userfault::UserfaultTrap;
 
 pub const PORT_HEARTBEAT: u16 = 0xF0;
 pub const PORT_FAILURE: u16 = 0xF1;
@@ -248,6 +249,7 @@ pub fn spawn(
     vcpu: Arc<Vcpu>,
     control: Arc<RunControl>,
     accounting: Arc<Accounting>,
+    userfault: Arc<UserfaultTrap>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{}", vcpu.index))
@@ -256,7 +258,7 @@ pub fn spawn(
             KVM_RUN.with(|c| c.set(run_ptr));
             while control.wait_to_run(vcpu.index) {
                 let mut fd = vcpu.lock();
-                let stop = run(&mut fd, vcpu.index, &control, &accounting);
+                let stop = run(&mut fd, vcpu.index, &control, &accounting, &userfault);
                 drop(fd);
                 match stop {
                     Stop::Pause => {}
@@ -271,7 +273,13 @@ pub fn spawn(
         })
 }
 
-fn run(fd: &mut VcpuFd, index: usize, control: &RunControl, acct: &Accounting) -> Stop {
+fn run(
+    fd: &mut VcpuFd,
+    index: usize,
+    control: &RunControl,
+    acct: &Accounting,
+    userfault: &UserfaultTrap,
+) -> Stop {
     loop {
         if !control.is_running() {
             return complete_pending_io(fd);
@@ -300,6 +308,18 @@ fn run(fd: &mut VcpuFd, index: usize, control: &RunControl, acct: &Accounting) -
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xFF),
             Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Hlt) => return Stop::Halt,
+            Ok(VcpuExit::MemoryFault { flags, gpa, .. })
+                if faultline::kvm_userfault::is_userfault_exit(flags) =>
+            {
+                if let Err(why) = userfault.wait_for(index, gpa, || control.is_running()) {
+                    return Stop::Fail(why);
+                }
+            }
+            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                return Stop::Fail(format!(
+                    "KVM memory fault at {gpa:#x} (+{size:#x}, flags {flags:#x}) that is not a userfault"
+                ));
+            }
             Ok(VcpuExit::Shutdown) => {
                 return Stop::Fail("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into());
             }

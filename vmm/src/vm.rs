@@ -11,12 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use faultline::bitmap::PageBitmap;
+use faultline::kvm_userfault::UserfaultBitmap;
 use faultline::layout::BackingKind;
 use faultline::sys::uffd::{self, Userfaultfd};
 use faultline::vmm_protocol::PROTOCOL_VERSION;
 use faultline::vmm_protocol::messages::{
-    Capability, ErrorCode, ErrorReply, HelloReply, SavedState, UffdMode, UffdRegisterReply,
-    VcpuState, VcpuStatus, VmState, VmStatus,
+    Capability, ErrorCode, ErrorReply, HelloReply, KvmUserfaultArmReply, SavedState, UffdMode,
+    UffdRegisterReply, VcpuState, VcpuStatus, VmState, VmStatus,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -24,6 +25,7 @@ use crate::accounting::Accounting;
 use crate::boot;
 use crate::memory::{GuestMemory, MemoryError};
 use crate::state::{self, Meta, VcpuState as KvmVcpuState};
+use crate::userfault::UserfaultTrap;
 use crate::vcpu::{self, RunControl, Vcpu};
 
 pub const VMM_NAME: &str = concat!("faultline-vmm/", env!("CARGO_PKG_VERSION"));
@@ -91,6 +93,8 @@ pub struct Vm {
     msr_indices: Vec<u32>,
     dirty_log_cap: Capability,
     uffd_cap: Capability,
+    userfault_cap: Capability,
+    userfault: Arc<UserfaultTrap>,
     ops: Mutex<Ops>,
 }
 
@@ -103,8 +107,17 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let memory = GuestMemory::new(&vm_fd, config.backing, config.memory)?;
-        memory.set_memslot(&vm_fd, false)?;
+        memory.set_memslot(&vm_fd, false, None)?;
         let dirty_log_cap = probe_dirty_log(&vm_fd, &memory);
+        let userfault_cap = if config.incoming {
+            probe_kvm_userfault(&vm_fd, &memory)
+        } else {
+            Capability {
+                name: "kvm-userfault".into(),
+                available: false,
+                reason: Some("only a VMM started with --incoming arms KVM Userfault".into()),
+            }
+        };
         let uffd_cap = if config.incoming {
             probe_userfaultfd(&memory)
         } else {
@@ -178,9 +191,17 @@ impl Vm {
         };
         let control = Arc::new(RunControl::new(vcpus.len(), initial));
         let accounting = Arc::new(Accounting::new(vcpus.len()));
+        let userfault = Arc::new(UserfaultTrap::default());
         let threads = vcpus
             .iter()
-            .map(|v| vcpu::spawn(v.clone(), control.clone(), accounting.clone()))
+            .map(|v| {
+                vcpu::spawn(
+                    v.clone(),
+                    control.clone(),
+                    accounting.clone(),
+                    userfault.clone(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmError::Thread)?;
 
@@ -197,6 +218,8 @@ impl Vm {
             msr_indices,
             dirty_log_cap,
             uffd_cap,
+            userfault_cap,
+            userfault,
             ops: Mutex::new(Ops {
                 restored: false,
                 ran: false,
@@ -267,6 +290,7 @@ impl Vm {
             capabilities: vec![
                 self.dirty_log_cap.clone(),
                 self.uffd_cap.clone(),
+                self.userfault_cap.clone(),
                 Capability {
                     name: "save-state".into(),
                     available: true,
@@ -449,7 +473,7 @@ impl Vm {
         }
         if !ops.dirty_log {
             self.memory
-                .set_memslot(&self.vm_fd, true)
+                .set_memslot(&self.vm_fd, true, None)
                 .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
             ops.dirty_log = true;
         }
@@ -476,7 +500,7 @@ impl Vm {
         let mut ops = self.ops();
         if ops.dirty_log {
             self.memory
-                .set_memslot(&self.vm_fd, false)
+                .set_memslot(&self.vm_fd, false, None)
                 .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
             ops.dirty_log = false;
         }
@@ -548,6 +572,69 @@ impl Vm {
                 return Err(err(ErrorCode::Failed, e.to_string()));
             }
             tracing::info!("RAM unregistered from userfaultfd");
+        }
+        Ok(self.state_locked(&ops))
+    }
+
+    /// Arms KVM Userfault on RAM with every page marked. `events` (the requesting connection)
+    /// becomes the channel userfault events go out on. Returns the reply and the bitmap memfd.
+    pub fn kvm_userfault_arm(
+        &self,
+        events: faultline::vmm_protocol::conn::Connection,
+    ) -> Result<(KvmUserfaultArmReply, std::os::fd::OwnedFd), ErrorReply> {
+        let ops = self.ops();
+        self.require_fresh_incoming(&ops, "kvm_userfault_arm")?;
+        if !self.userfault_cap.available {
+            return Err(err(
+                ErrorCode::Unavailable,
+                self.userfault_cap.reason.clone().unwrap_or_default(),
+            ));
+        }
+        if self.userfault.current().is_some() {
+            return Err(err(
+                ErrorCode::InvalidState,
+                "KVM Userfault is already armed",
+            ));
+        }
+        let pages = self.memory.pages();
+        let bitmap = UserfaultBitmap::create_shared(pages)
+            .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+        let handed = bitmap
+            .shared_fd()
+            .ok_or_else(|| err(ErrorCode::Failed, "the bitmap is not shared"))?
+            .try_clone_to_owned()
+            .map_err(|e| {
+                err(
+                    ErrorCode::Failed,
+                    format!("cannot duplicate the bitmap fd: {e}"),
+                )
+            })?;
+        // Turning the flag on zaps the memslot's mappings, so no page stays mapped unmarked.
+        self.memory
+            .set_memslot(&self.vm_fd, ops.dirty_log, Some(bitmap.user_addr()))
+            .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+        self.userfault.arm(bitmap, events);
+        tracing::info!(pages, "KVM Userfault armed");
+        Ok((
+            KvmUserfaultArmReply {
+                pages,
+                header_bytes: faultline::kvm_userfault::SHARED_HEADER as u64,
+            },
+            handed,
+        ))
+    }
+
+    pub fn kvm_userfault_disarm(&self) -> Result<VmState, ErrorReply> {
+        let ops = self.ops();
+        if let Some(armed) = self.userfault.current() {
+            self.memory
+                .set_memslot(&self.vm_fd, ops.dirty_log, None)
+                .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
+            self.userfault.disarm();
+            tracing::info!(
+                still_marked = armed.bitmap.count_marked(),
+                "KVM Userfault disarmed"
+            );
         }
         Ok(self.state_locked(&ops))
     }
@@ -669,13 +756,43 @@ fn probe_userfaultfd(memory: &GuestMemory) -> Capability {
     }
 }
 
+/// Whether KVM accepts `KVM_MEM_USERFAULT` on the RAM memslot, found by setting it (with an
+/// empty bitmap) and clearing it again before any vCPU runs.
+fn probe_kvm_userfault(vm: &VmFd, memory: &GuestMemory) -> Capability {
+    let name = "kvm-userfault".to_string();
+    let bitmap = UserfaultBitmap::new(memory.pages());
+    match memory.set_memslot(vm, false, Some(bitmap.user_addr())) {
+        Ok(()) => {
+            if let Err(e) = memory.set_memslot(vm, false, None) {
+                tracing::warn!("turning the kvm-userfault probe off failed: {e}");
+            }
+            Capability {
+                name,
+                available: true,
+                reason: None,
+            }
+        }
+        Err(e) => Capability {
+            name,
+            available: false,
+            reason: Some(format!(
+                "KVM refused KVM_MEM_USERFAULT on the {} RAM memslot: {}",
+                memory.backing(),
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| e.to_string())
+            )),
+        },
+    }
+}
+
 /// Dirty logging needs KVM to accept `KVM_MEM_LOG_DIRTY_PAGES` on the RAM memslot; KVM
 /// refuses it on guest_memfd memslots. Probed by turning it on and off before any vCPU runs.
 fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
     let name = "dirty-log".to_string();
-    match memory.set_memslot(vm, true) {
+    match memory.set_memslot(vm, true, None) {
         Ok(()) => {
-            if let Err(e) = memory.set_memslot(vm, false) {
+            if let Err(e) = memory.set_memslot(vm, false, None) {
                 tracing::warn!("turning the dirty-log probe off failed: {e}");
             }
             Capability {

@@ -16,10 +16,19 @@ fn check(backing: &str) {
     );
     let mut c = client(&vmm);
     let (hello, _fds) = c.hello("test").expect("hello");
-    let uffd = hello.capability("userfaultfd").expect("userfaultfd listed").clone();
-    let kvm = hello.capability("kvm-userfault").expect("kvm-userfault listed").clone();
+    let uffd = hello
+        .capability("userfaultfd")
+        .expect("userfaultfd listed")
+        .clone();
+    let kvm = hello
+        .capability("kvm-userfault")
+        .expect("kvm-userfault listed")
+        .clone();
     for cap in [&uffd, &kvm] {
-        assert!(cap.available || cap.reason.as_deref().is_some_and(|r| !r.is_empty()), "{cap:?}");
+        assert!(
+            cap.available || cap.reason.as_deref().is_some_and(|r| !r.is_empty()),
+            "{cap:?}"
+        );
     }
 
     // KVM Userfault: arming works exactly when offered; the refusal carries the probe's reason.
@@ -32,7 +41,10 @@ fn check(backing: &str) {
             assert_eq!(format!("{state:?}"), "Incoming");
         }
         Err(e) => {
-            assert!(!kvm.available, "hello offered kvm-userfault but arming failed: {e}");
+            assert!(
+                !kvm.available,
+                "hello offered kvm-userfault but arming failed: {e}"
+            );
             let refusal = e.refusal().expect("a refusal, not a transport error");
             assert_eq!(refusal.code, ErrorCode::Unavailable);
             assert_eq!(Some(refusal.message.as_str()), kvm.reason.as_deref());
@@ -41,10 +53,19 @@ fn check(backing: &str) {
 
     // userfaultfd: registering works exactly when offered.
     let registered = c.userfaultfd_register(UffdMode::Missing);
-    assert_eq!(registered.is_ok(), uffd.available, "{registered:?} vs {uffd:?}");
+    assert_eq!(
+        registered.is_ok(),
+        uffd.available,
+        "{registered:?} vs {uffd:?}"
+    );
     if registered.is_ok() {
-        let again = c.userfaultfd_register(UffdMode::Missing).expect_err("registered twice");
-        assert_eq!(again.refusal().map(|r| r.code), Some(ErrorCode::InvalidState));
+        let again = c
+            .userfaultfd_register(UffdMode::Missing)
+            .expect_err("registered twice");
+        assert_eq!(
+            again.refusal().map(|r| r.code),
+            Some(ErrorCode::InvalidState)
+        );
         c.userfaultfd_disarm().expect("disarm");
     }
 }
@@ -73,14 +94,25 @@ fn no_traps_outside_incoming_mode() {
     let vmm = start("traps-running", &["--memory", "64M"]);
     let mut c = client(&vmm);
     for e in [
-        c.userfaultfd_register(UffdMode::Missing).map(|_| ()).expect_err("uffd"),
-        client(&vmm).kvm_userfault_arm().map(|_| ()).expect_err("kvm-userfault"),
+        c.userfaultfd_register(UffdMode::Missing)
+            .map(|_| ())
+            .expect_err("uffd"),
+        client(&vmm)
+            .kvm_userfault_arm()
+            .map(|_| ())
+            .expect_err("kvm-userfault"),
     ] {
-        assert!(matches!(
-            e.refusal().map(|r| r.code),
-            Some(ErrorCode::InvalidState | ErrorCode::Unavailable)
-        ), "{e}");
+        assert!(
+            matches!(
+                e.refusal().map(|r| r.code),
+                Some(ErrorCode::InvalidState | ErrorCode::Unavailable)
+            ),
+            "{e}"
+        );
     }
     let discard = c.discard(&faultline::bitmap::PageBitmap::new(64 << 20 >> 12));
-    assert_eq!(discard.unwrap_err().refusal().map(|r| r.code), Some(ErrorCode::InvalidState));
+    assert_eq!(
+        discard.unwrap_err().refusal().map(|r| r.code),
+        Some(ErrorCode::InvalidState)
+    );
 }

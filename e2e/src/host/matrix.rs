@@ -394,6 +394,15 @@ pub fn print_table(report: &MatrixReport, out: &mut dyn Write) -> Result<()> {
         if !k.console_log.is_empty() {
             writeln!(out, "    console: {}", k.console_log)?;
         }
+        if count(Status::Failed) > 0
+            && let Ok(console) = std::fs::read_to_string(&k.console_log)
+        {
+            let lines: Vec<&str> = console.lines().collect();
+            writeln!(out, "    console tail:")?;
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                writeln!(out, "      | {l}")?;
+            }
+        }
     }
     let all = || report.kernels.iter().flat_map(|k| &k.tests);
     let count = |s: Status| all().filter(|t| t.status == s).count();

@@ -7,13 +7,7 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_faultline");
 
 fn kvm_available() -> bool {
-    match faultline::local::kvm_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            false
-        }
-    }
+    faultline::local::kvm_or_skip()
 }
 
 fn demo(args: &[&str]) -> serde_json::Value {

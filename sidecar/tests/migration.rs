@@ -11,13 +11,7 @@ use faultline::vmm_protocol::messages::{VmState, VmStatus};
 use faultline::wire::Secret;
 
 fn kvm_available() -> bool {
-    match faultline::local::kvm_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            false
-        }
-    }
+    faultline::local::kvm_or_skip()
 }
 
 struct Side {
@@ -284,6 +278,18 @@ fn wait_precopy_rounds(side: &Side, id: &str, rounds: u32) {
     }
 }
 
+/// A pair whose migration `tag` is in its second pre-copy pass and will not converge.
+fn in_endless_precopy(tag: &str) -> Pair {
+    let p = pair(
+        tag,
+        &["--memory", "256M", "--vcpus", "2", "--dirty-rate", "heavy"],
+    );
+    let secret = Secret::generate().expect("secret");
+    start(&p, tag, &endless_precopy(), &secret, &secret);
+    wait_precopy_rounds(&p.src, tag, 2);
+    p
+}
+
 /// The source VM is running, has not been fenced, and its guest is healthy.
 fn assert_source_keeps_running(p: &Pair) {
     let a = p
@@ -309,13 +315,7 @@ fn target_killed_before_commit_leaves_the_source_running() {
     if !kvm_available() {
         return;
     }
-    let mut p = pair(
-        "killed",
-        &["--memory", "256M", "--vcpus", "2", "--dirty-rate", "heavy"],
-    );
-    let secret = Secret::generate().expect("secret");
-    start(&p, "killed", &endless_precopy(), &secret, &secret);
-    wait_precopy_rounds(&p.src, "killed", 2);
+    let mut p = in_endless_precopy("killed");
     // The whole target pod dies.
     drop(std::mem::replace(
         &mut p.dst.sidecar,
@@ -337,13 +337,7 @@ fn cancel_during_precopy_leaves_the_source_running() {
     if !kvm_available() {
         return;
     }
-    let mut p = pair(
-        "cancel",
-        &["--memory", "256M", "--vcpus", "2", "--dirty-rate", "heavy"],
-    );
-    let secret = Secret::generate().expect("secret");
-    start(&p, "cancel", &endless_precopy(), &secret, &secret);
-    wait_precopy_rounds(&p.src, "cancel", 2);
+    let mut p = in_endless_precopy("cancel");
     let c = p
         .src
         .sidecar

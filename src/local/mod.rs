@@ -10,6 +10,17 @@ pub mod process;
 pub use client::{ClientError, SidecarClient};
 pub use process::{LocalError, SidecarProcess, VmmProcess, binary};
 
+/// For tests: true when KVM is usable; otherwise prints why the test skips and returns false.
+pub fn kvm_or_skip() -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            false
+        }
+    }
+}
+
 /// Whether this process can use KVM; the error says why not (tests print it and skip).
 pub fn kvm_usable() -> Result<(), String> {
     std::fs::OpenOptions::new()

@@ -68,6 +68,26 @@ fn scratch_dir(tag: &str) -> Result<PathBuf, LocalError> {
     Ok(dir)
 }
 
+/// Starts a Faultline binary with stdout piped and stderr in `log`; `FAULTLINE_CHILD_LOG`
+/// sets its log filter (default `warn`).
+fn spawn(bin: &str, args: &[String], what: &str, log: &Path) -> Result<Child, LocalError> {
+    let err = |source| LocalError::Spawn {
+        what: what.into(),
+        source,
+    };
+    let log_file = std::fs::File::create(log).map_err(err)?;
+    Command::new(binary(bin)?)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("FAULTLINE_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .map_err(err)
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -90,26 +110,10 @@ impl VmmProcess {
         let socket = dir.join("vmm.sock");
         let log = dir.join("vmm.log");
         let name = format!("faultline-vmm ({tag})");
-        let log_file = std::fs::File::create(&log).map_err(|e| LocalError::Spawn {
-            what: name.clone(),
-            source: e,
-        })?;
-        let child = Command::new(binary("faultline-vmm")?)
-            .args(args)
-            .arg("--control")
-            .arg(&socket)
-            .args(["--quiet", "--json"])
-            .env(
-                "RUST_LOG",
-                std::env::var("FAULTLINE_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|source| LocalError::Spawn {
-                what: name.clone(),
-                source,
-            })?;
+        let mut control = vec!["--control".into(), socket.display().to_string()];
+        control.extend(["--quiet".into(), "--json".into()]);
+        let all: Vec<String> = args.iter().cloned().chain(control).collect();
+        let child = spawn("faultline-vmm", &all, &name, &log)?;
         let mut vmm = Self {
             child: Some(child),
             socket,
@@ -234,30 +238,15 @@ impl SidecarProcess {
         let dir = scratch_dir(&format!("{tag}-sidecar"))?;
         let log = dir.join("sidecar.log");
         let what = format!("faultline-sidecar ({tag})");
-        let log_file = std::fs::File::create(&log).map_err(|source| LocalError::Spawn {
-            what: what.clone(),
-            source,
-        })?;
-        let mut child = Command::new(binary("faultline-sidecar")?)
-            .arg("--vmm-socket")
-            .arg(vmm_socket)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--migration-listen",
-                "127.0.0.1:0",
-            ])
-            .env(
-                "RUST_LOG",
-                std::env::var("FAULTLINE_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|source| LocalError::Spawn {
-                what: what.clone(),
-                source,
-            })?;
+        let args = [
+            "--vmm-socket".to_string(),
+            vmm_socket.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--migration-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        let mut child = spawn("faultline-sidecar", &args, &what, &log)?;
         let stdout = child.stdout.take().ok_or_else(|| LocalError::Other {
             what: what.clone(),
             why: "no stdout".into(),

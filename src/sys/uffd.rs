@@ -334,6 +334,20 @@ mod tests {
     use crate::sys::MmapRegion;
     use std::sync::Arc;
 
+    /// Waits for the next event on `uffd`.
+    fn next_event(uffd: &Userfaultfd) -> Event {
+        loop {
+            let mut pfd = [rustix::event::PollFd::new(
+                uffd,
+                rustix::event::PollFlags::IN,
+            )];
+            rustix::event::poll(&mut pfd, None).unwrap();
+            if let Some(e) = uffd.read_events(4).unwrap().into_iter().next() {
+                return e;
+            }
+        }
+    }
+
     fn uffd_or_skip(features: u64) -> Option<Userfaultfd> {
         match Userfaultfd::new(features) {
             Ok(u) => Some(u),
@@ -375,16 +389,7 @@ mod tests {
         assert_ne!(ioctls & IOCTL_COPY, 0);
         let m = mem.clone();
         let toucher = std::thread::spawn(move || m.read_u64(4096 + 8).unwrap());
-        let fault = loop {
-            let mut pfd = [rustix::event::PollFd::new(
-                &uffd,
-                rustix::event::PollFlags::IN,
-            )];
-            rustix::event::poll(&mut pfd, None).unwrap();
-            if let Some(e) = uffd.read_events(4).unwrap().into_iter().next() {
-                break e;
-            }
-        };
+        let fault = next_event(&uffd);
         let Event::PageFault { address, flags, .. } = fault else {
             panic!("unexpected {fault:?}")
         };
@@ -419,16 +424,7 @@ mod tests {
         assert_ne!(ioctls & IOCTL_CONTINUE, 0);
         let g = guest.clone();
         let toucher = std::thread::spawn(move || g.read_u64(4096).unwrap());
-        let fault = loop {
-            let mut pfd = [rustix::event::PollFd::new(
-                &uffd,
-                rustix::event::PollFlags::IN,
-            )];
-            rustix::event::poll(&mut pfd, None).unwrap();
-            if let Some(e) = uffd.read_events(4).unwrap().into_iter().next() {
-                break e;
-            }
-        };
+        let fault = next_event(&uffd);
         let Event::PageFault { address, flags, .. } = fault else {
             panic!("unexpected {fault:?}")
         };

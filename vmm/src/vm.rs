@@ -759,53 +759,56 @@ fn probe_userfaultfd(memory: &GuestMemory) -> Capability {
 /// Whether KVM accepts `KVM_MEM_USERFAULT` on the RAM memslot, found by setting it (with an
 /// empty bitmap) and clearing it again before any vCPU runs.
 fn probe_kvm_userfault(vm: &VmFd, memory: &GuestMemory) -> Capability {
-    let name = "kvm-userfault".to_string();
     let bitmap = UserfaultBitmap::new(memory.pages());
-    match memory.set_memslot(vm, false, Some(bitmap.user_addr())) {
-        Ok(()) => {
-            if let Err(e) = memory.set_memslot(vm, false, None) {
-                tracing::warn!("turning the kvm-userfault probe off failed: {e}");
-            }
-            Capability {
-                name,
-                available: true,
-                reason: None,
-            }
-        }
-        Err(e) => Capability {
-            name,
-            available: false,
-            reason: Some(format!(
-                "KVM refused KVM_MEM_USERFAULT on the {} RAM memslot: {}",
-                memory.backing(),
-                std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_else(|| e.to_string())
-            )),
-        },
-    }
+    probe_memslot_flag(
+        vm,
+        memory,
+        "kvm-userfault",
+        "KVM_MEM_USERFAULT",
+        false,
+        Some(bitmap.user_addr()),
+    )
 }
 
 /// Dirty logging needs KVM to accept `KVM_MEM_LOG_DIRTY_PAGES` on the RAM memslot; KVM
-/// refuses it on guest_memfd memslots. Probed by turning it on and off before any vCPU runs.
+/// refuses it on guest_memfd memslots.
 fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
-    let name = "dirty-log".to_string();
-    match memory.set_memslot(vm, true, None) {
+    probe_memslot_flag(
+        vm,
+        memory,
+        "dirty-log",
+        "KVM_MEM_LOG_DIRTY_PAGES",
+        true,
+        None,
+    )
+}
+
+/// Probes a memslot flag by setting it on the RAM memslot and clearing it again, before any
+/// vCPU runs.
+fn probe_memslot_flag(
+    vm: &VmFd,
+    memory: &GuestMemory,
+    name: &str,
+    flag: &str,
+    log_dirty: bool,
+    userfault_bitmap: Option<u64>,
+) -> Capability {
+    match memory.set_memslot(vm, log_dirty, userfault_bitmap) {
         Ok(()) => {
             if let Err(e) = memory.set_memslot(vm, false, None) {
-                tracing::warn!("turning the dirty-log probe off failed: {e}");
+                tracing::warn!("turning the {name} probe off failed: {e}");
             }
             Capability {
-                name,
+                name: name.into(),
                 available: true,
                 reason: None,
             }
         }
         Err(e) => Capability {
-            name,
+            name: name.into(),
             available: false,
             reason: Some(format!(
-                "KVM refused KVM_MEM_LOG_DIRTY_PAGES on the {} RAM memslot: {}",
+                "KVM refused {flag} on the {} RAM memslot: {}",
                 memory.backing(),
                 std::error::Error::source(&e)
                     .map(ToString::to_string)

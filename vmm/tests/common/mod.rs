@@ -14,13 +14,7 @@ use faultline::vmm_protocol::messages::{HelloReply, VmStatus};
 pub const BIN: &str = env!("CARGO_BIN_EXE_faultline-vmm");
 
 pub fn kvm_available() -> bool {
-    match faultline::local::kvm_usable() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            false
-        }
-    }
+    faultline::local::kvm_or_skip()
 }
 
 /// Starts `faultline-vmm` (the one cargo built beside this test) with `args` and a control

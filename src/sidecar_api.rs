@@ -187,9 +187,11 @@ pub struct Progress {
     pub faults: u64,
     /// Fault latency in microseconds (target side: fault read to page installed).
     pub fault_latency_us: LatencySummary,
-    /// Source paused to target running, once known.
+    /// Source paused to target running, once known (reported by the source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
+    /// Times the post-copy link broke and was re-established.
+    pub reconnects: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -53,9 +53,14 @@ async fn readyz(State(s): State<Arc<Sidecar>>) -> Response {
 }
 
 async fn node(State(s): State<Arc<Sidecar>>) -> Response {
-    let probes = tokio::task::spawn_blocking(crate::engine::node_trap_backends)
-        .await
-        .unwrap_or_default();
+    // Ask the VMM now: a state a second old may say "paused" for a VM that just started.
+    let fresh = s.clone();
+    let probes = tokio::task::spawn_blocking(move || {
+        let _ = fresh.refresh_vm();
+        crate::engine::node_trap_backends()
+    })
+    .await
+    .unwrap_or_default();
     json(
         StatusCode::OK,
         &NodeInfo {

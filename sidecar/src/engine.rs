@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use faultline::sidecar_api::{Role, StartMigration, validate_id};
 use faultline::vmm_protocol::messages::VmState;
-use faultline::wire::Secret;
+use faultline::wire::{Secret, WireError};
 
 use crate::metrics::ResultLabels;
 use crate::state::{Migration, Sidecar};
@@ -38,6 +38,30 @@ impl From<faultline::wire::WireError> for Stop {
 impl Stop {
     pub fn failed(msg: impl std::fmt::Display) -> Self {
         Self::Failed(anyhow::anyhow!("{msg}"))
+    }
+}
+
+/// How a post-copy session ended badly.
+pub enum Link {
+    /// The connection broke: reconnect and carry on.
+    Broken(String),
+    /// Something no reconnect can fix.
+    Fatal(Stop),
+}
+
+impl Link {
+    pub fn from_wire(e: WireError) -> Self {
+        match e {
+            WireError::Closed | WireError::Io(_) => Self::Broken(e.to_string()),
+            other => Self::Fatal(other.into()),
+        }
+    }
+
+    pub fn from_send(e: crate::pages::SendError) -> Self {
+        match e {
+            crate::pages::SendError::Wire(w) => Self::from_wire(w),
+            other => Self::Fatal(Stop::failed(other)),
+        }
     }
 }
 
@@ -150,24 +174,10 @@ fn finish(sidecar: &Sidecar, m: &Migration, result: Result<(), Stop>) {
         .inc();
 }
 
-/// Requests cancellation; only before the commit point.
+/// Requests cancellation; only before the commit point (see [`Migration::request_cancel`]).
+/// Success means the migration will not commit: the source keeps the VM.
 pub fn cancel(m: &Migration) -> Result<(), String> {
-    if m.phase().is_terminal() {
-        return Err(format!(
-            "migration `{}` has already ended ({:?})",
-            m.id,
-            m.phase()
-        ));
-    }
-    if m.committed() {
-        return Err(format!(
-            "migration `{}` is past the point of no return (the source is fenced); it can only complete",
-            m.id
-        ));
-    }
-    m.cancel.store(true, std::sync::atomic::Ordering::Release);
-    m.set_message("cancellation requested");
-    Ok(())
+    m.request_cancel()
 }
 
 /// What this node's kernel offers for trapping, probed once per process.

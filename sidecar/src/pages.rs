@@ -94,16 +94,15 @@ impl<'a> PageSender<'a> {
     ) -> Result<Sent, SendError> {
         let mut total = Sent::default();
         let mut batch = Vec::with_capacity(BATCH);
-        for p in pages {
+        let mut pages = pages.into_iter().peekable();
+        while let Some(p) = pages.next() {
             batch.push(p);
-            if batch.len() == BATCH {
-                total += self.send_batch(w, &batch, known_zero)?;
-                pacer.account(total.bytes);
+            if batch.len() == BATCH || pages.peek().is_none() {
+                let sent = self.send_batch(w, &batch, known_zero)?;
+                pacer.account(sent.bytes);
+                total += sent;
                 batch.clear();
             }
-        }
-        if !batch.is_empty() {
-            total += self.send_batch(w, &batch, known_zero)?;
         }
         Ok(total)
     }
@@ -177,5 +176,32 @@ pub fn deprioritize_this_thread() {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
         tracing::debug!("cannot lower the bulk thread's priority: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_holds_the_rate() {
+        let mut p = Pacer::new(10_000_000);
+        let t = Instant::now();
+        for _ in 0..10 {
+            p.account(100_000);
+        }
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(95),
+            "1 MB at 10 MB/s took {took:?}"
+        );
+        assert!(
+            took < Duration::from_millis(400),
+            "over-throttled: {took:?}"
+        );
+        let mut unlimited = Pacer::new(0);
+        let t = Instant::now();
+        unlimited.account(1 << 30);
+        assert!(t.elapsed() < Duration::from_millis(10));
     }
 }

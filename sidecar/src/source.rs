@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::Context;
 use faultline::bitmap::{AtomicPageBitmap, PageBitmap};
 use faultline::convergence::{self, Decision, Pass};
 use faultline::guest_memory::GuestMemory;
@@ -19,9 +19,9 @@ use faultline::sidecar_api::{Mode, Phase, Policy};
 use faultline::vmm_protocol::VmmClient;
 use faultline::wire::frame::{FrameReader, FrameType};
 use faultline::wire::handshake::{self, Channel};
-use faultline::wire::{Control, FaultRequest, SwitchOver, layout_digest};
+use faultline::wire::{Control, FaultRequest, Needed, SwitchOver, WireError, layout_digest};
 
-use crate::engine::Stop;
+use crate::engine::{Link, Stop};
 use crate::metrics::RoleLabel;
 use crate::pages::{BATCH, Pacer, PageSender, Sent};
 use crate::state::{Migration, Sidecar};
@@ -29,9 +29,15 @@ use crate::state::{Migration, Sidecar};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the target may take to answer a control message before the source gives up.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pages sent between checks for cancellation and timeouts.
-const CHUNK: usize = 4096;
+/// Pages sent between checks for cancellation and timeouts (1 MiB: a cancel is noticed within
+/// a second even at a 1 MB/s bandwidth limit).
+const CHUNK: usize = 256;
 const NO_HINT: u64 = u64::MAX;
+/// How long `complete` may trail the end of the urgent channel.
+const URGENT_GRACE: Duration = Duration::from_secs(5);
+
+/// Why (and since when) the urgent channel is down, as the fault server saw it.
+type Broken = std::sync::Mutex<Option<(String, Instant)>>;
 
 pub fn run(sidecar: &Arc<Sidecar>, m: &Arc<Migration>) -> Result<(), Stop> {
     let mut vmm = VmmClient::connect(&sidecar.vmm_socket).context("cannot reach the VMM")?;
@@ -60,6 +66,7 @@ pub fn run(sidecar: &Arc<Sidecar>, m: &Arc<Migration>) -> Result<(), Stop> {
         role: RoleLabel {
             role: "source".into(),
         },
+        digest,
     };
     let result = src.migrate(&mut main, urgent, hello.vcpus, dirty_log);
     if result.is_err() && !m.committed() {
@@ -104,6 +111,7 @@ struct Source<'a> {
     total: u64,
     deadline: Instant,
     role: RoleLabel,
+    digest: [u8; 32],
 }
 
 /// How the pre-copy phase ended.
@@ -356,7 +364,7 @@ impl Source<'_> {
             other => return Err(Stop::failed(format!("expected prepared, got {other:?}"))),
         }
         let t_prepared = paused_at.elapsed();
-        if m.cancelled() {
+        if !m.try_begin_commit() {
             return Err(Stop::Cancelled(
                 "cancelled by request before the commit point".into(),
             ));
@@ -384,24 +392,20 @@ impl Source<'_> {
         self.sidecar.metrics.downtime.set(downtime.as_secs_f64());
         tracing::info!(downtime_ms = downtime.as_secs_f64() * 1e3, "target resumed");
 
-        let server = if invalid.is_empty() {
+        if invalid.is_empty() {
             m.counters.remaining_pages.store(0, Ordering::Relaxed);
-            None
+            match self.wait_control(&mut main.0, "complete")? {
+                Control::Complete { faults } => m.counters.faults.store(faults, Ordering::Relaxed),
+                other => return Err(Stop::failed(format!("expected complete, got {other:?}"))),
+            }
         } else {
-            Some(self.postcopy(main, urgent, &invalid)?)
-        };
-        match self.wait_control(&mut main.0, "complete")? {
-            Control::Complete { faults } => m.counters.faults.store(faults, Ordering::Relaxed),
-            other => return Err(Stop::failed(format!("expected complete, got {other:?}"))),
-        }
-        if let Some((stop, server)) = server {
-            stop.store(true, Ordering::Release);
-            let served = server
-                .join()
-                .map_err(|_| anyhow!("the fault server panicked"))?
-                .context("the fault server failed")?;
-            self.account(served);
-            self.sidecar.metrics.faults.inc_by(served.pages);
+            // The reader buffers nothing between frames, so a new one on the same socket
+            // carries on exactly where this one stopped.
+            let main = (
+                FrameReader::new(main.1.try_clone().context("clone socket")?),
+                main.1.try_clone().context("clone socket")?,
+            );
+            self.postcopy(main, urgent, &invalid)?;
         }
         if let Err(e) = self.vmm.shutdown() {
             tracing::warn!("the source VMM did not shut down cleanly: {e}");
@@ -410,45 +414,147 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// Serves fault requests on the urgent channel while pushing every page still needed on
-    /// the main channel, nearest the latest fault first. Returns once everything is sent, with
-    /// the fault server still running (it stops when told, or when the target hangs up).
-    fn postcopy(
-        &mut self,
-        main: &mut Conn,
-        urgent: Conn,
-        invalid: &PageBitmap,
-    ) -> Result<
-        (
-            Arc<AtomicBool>,
-            std::thread::JoinHandle<anyhow::Result<Sent>>,
-        ),
-        Stop,
-    > {
+    /// Post-copy: serve faults and push what the target still needs until it reports
+    /// complete. A broken link does not end it — the VM lives on the target now — so the source
+    /// reconnects and resumes from the pages the target says it still needs.
+    fn postcopy(&mut self, main: Conn, urgent: Conn, invalid: &PageBitmap) -> Result<(), Stop> {
         let m = self.m;
         m.set_phase(
             Phase::PostCopy,
             format!("post-copy: {} pages to move", invalid.count()),
         );
-        let needed = Arc::new(AtomicPageBitmap::from_bitmap(invalid));
-        let hint = Arc::new(AtomicU64::new(NO_HINT));
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = {
-            let (needed, hint, stop, mem) =
-                (needed.clone(), hint.clone(), stop.clone(), self.mem.clone());
-            let total = self.total;
-            std::thread::Builder::new()
-                .name("fault-server".into())
-                .spawn(move || serve_faults(urgent, &mem, total, &needed, &hint, &stop))
-                .context("cannot start the fault server")?
-        };
         crate::pages::deprioritize_this_thread();
+        let mut needed = invalid.clone();
+        let mut link = Some((main, urgent));
+        loop {
+            let (main, urgent) = match link.take() {
+                Some(l) => l,
+                None => {
+                    let (l, n) = self.reconnect()?;
+                    needed = n;
+                    l
+                }
+            };
+            match self.postcopy_session(main, urgent, &needed) {
+                Ok(()) => return Ok(()),
+                Err(Link::Broken(why)) => {
+                    tracing::warn!("post-copy link to the target broke: {why}; reconnecting");
+                    m.set_message(format!(
+                        "post-copy paused: the link to the target broke ({why}); reconnecting"
+                    ));
+                }
+                Err(Link::Fatal(stop)) => return Err(stop),
+            }
+        }
+    }
+
+    /// Connects both channels again and asks the target what it still needs.
+    fn reconnect(&self) -> Result<((Conn, Conn), PageBitmap), Stop> {
+        let m = self.m;
+        let peer = m.peer.clone().unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(m.policy.completion_timeout_s);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let tried = connect(&peer, Channel::Main, m, &self.digest).and_then(|mut main| {
+                Control::Resume.write(&mut main.1)?;
+                let frame = main
+                    .0
+                    .read()
+                    .map_err(|e| Stop::failed(format!("no answer to resume: {e}")))?;
+                if frame.kind != FrameType::Needed {
+                    return Err(Stop::failed(format!(
+                        "expected the needed pages, got {:?}",
+                        frame.kind
+                    )));
+                }
+                let needed = Needed::parse(frame.payload, self.total)?;
+                let urgent = connect(&peer, Channel::Urgent, m, &self.digest)?;
+                Ok(((main, urgent), needed))
+            });
+            match tried {
+                Ok((link, needed)) => {
+                    m.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        attempt,
+                        still_needed = needed.count(),
+                        "post-copy link re-established"
+                    );
+                    m.set_message(format!(
+                        "post-copy resumed after reconnecting: {} pages to move",
+                        needed.count()
+                    ));
+                    return Ok((link, needed));
+                }
+                Err(e) if Instant::now() < deadline => {
+                    m.set_message(format!(
+                        "post-copy paused: reconnecting to the target (attempt {attempt}: {e})"
+                    ));
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(Stop::failed(format!(
+                        "could not reconnect to the target after the post-copy link broke: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One connection's worth of post-copy. Ends with the target's `complete`, a broken link,
+    /// or a fatal error.
+    fn postcopy_session(&self, main: Conn, urgent: Conn, needed: &PageBitmap) -> Result<(), Link> {
+        let (mut reader, mut writer) = main;
+        let needed = AtomicPageBitmap::from_bitmap(needed);
+        let hint = AtomicU64::new(NO_HINT);
+        let stop = AtomicBool::new(false);
+        let broken: Broken = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| -> Result<(), Link> {
+            let server = std::thread::Builder::new()
+                .name("fault-server".into())
+                .spawn_scoped(scope, || {
+                    let result = self.serve_faults(urgent, &needed, &hint, &stop);
+                    if let Err(e) = result
+                        && !stop.load(Ordering::Acquire)
+                    {
+                        *broken.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((e.to_string(), Instant::now()));
+                    }
+                })
+                .map_err(|e| {
+                    Link::Fatal(Stop::failed(format!("cannot start the fault server: {e}")))
+                })?;
+            let result = self.push_and_wait(&mut reader, &mut writer, &needed, &hint, &broken);
+            stop.store(true, Ordering::Release);
+            if result.is_err() {
+                let _ = writer.shutdown(std::net::Shutdown::Both);
+            }
+            let _ = server.join();
+            result
+        })
+    }
+
+    /// Pushes every page still needed, nearest the latest fault first, then waits for the
+    /// target's `complete`.
+    fn push_and_wait(
+        &self,
+        reader: &mut FrameReader<TcpStream>,
+        writer: &mut TcpStream,
+        needed: &AtomicPageBitmap,
+        hint: &AtomicU64,
+        broken: &Broken,
+    ) -> Result<(), Link> {
+        let m = self.m;
+        let broken_link = || broken.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut sender = PageSender::new(&self.mem);
         let mut pacer = Pacer::new(m.policy.bandwidth_limit);
         let mut cursor = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
         let mut pushed = 0u64;
         loop {
+            if let Some((why, _)) = broken_link() {
+                return Err(Link::Broken(format!("urgent channel: {why}")));
+            }
             let h = hint.swap(NO_HINT, Ordering::AcqRel);
             if h != NO_HINT {
                 cursor = h + 1;
@@ -469,17 +575,119 @@ impl Source<'_> {
                 break;
             }
             let sent = sender
-                .send(&mut main.1, batch.iter().copied(), None, &mut pacer)
-                .context("background push failed")?;
+                .send(writer, batch.iter().copied(), None, &mut pacer)
+                .map_err(Link::from_send)?;
             self.account(sent);
             pushed += sent.pages;
             m.counters
                 .remaining_pages
                 .store(needed.count(), Ordering::Relaxed);
         }
-        Control::PushDone { pages: pushed }.write(&mut main.1)?;
+        Control::PushDone { pages: pushed }
+            .write(writer)
+            .map_err(Link::from_wire)?;
         m.set_message("post-copy: every page sent; waiting for the target to install the last");
-        Ok((stop, server))
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)));
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match reader.read() {
+                Ok(frame) if frame.kind == FrameType::Control => {
+                    match Control::parse(frame.payload).map_err(|e| Link::Fatal(e.into()))? {
+                        Control::Complete { faults } => {
+                            m.counters.faults.store(faults, Ordering::Relaxed);
+                            return Ok(());
+                        }
+                        other => {
+                            return Err(Link::Fatal(Stop::failed(format!(
+                                "expected complete, got {other:?}"
+                            ))));
+                        }
+                    }
+                }
+                Ok(frame) => {
+                    return Err(Link::Fatal(Stop::failed(format!(
+                        "expected complete, got a {:?} frame",
+                        frame.kind
+                    ))));
+                }
+                Err(WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // Around completion the target closes the urgent channel, maybe before its
+                    // `complete` reaches us: only a quiet main channel after that is a break.
+                    if let Some((why, at)) = broken_link()
+                        && at.elapsed() > URGENT_GRACE
+                    {
+                        return Err(Link::Broken(format!("urgent channel: {why}")));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Link::Broken("the target stopped answering".into()));
+                    }
+                }
+                Err(e) => return Err(Link::from_wire(e)),
+            }
+        }
+    }
+
+    /// Answers fault requests on the urgent channel until told to stop. Every request is
+    /// answered, even for pages already pushed: the copy on the main channel may be queued
+    /// behind megabytes of other pages.
+    fn serve_faults(
+        &self,
+        (mut reader, mut writer): Conn,
+        needed: &AtomicPageBitmap,
+        hint: &AtomicU64,
+        stop: &AtomicBool,
+    ) -> Result<(), WireError> {
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)));
+        let mut sender = PageSender::new(&self.mem);
+        loop {
+            let frame = match reader.read() {
+                Ok(f) => f,
+                Err(WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if stop.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if frame.kind != FrameType::FaultRequest {
+                return Err(WireError::malformed(
+                    "urgent channel",
+                    format!("unexpected {:?} frame", frame.kind),
+                ));
+            }
+            let pages = FaultRequest::parse(frame.payload, self.total)?;
+            for &p in &pages {
+                needed.take(p);
+            }
+            if let Some(&last) = pages.last() {
+                hint.store(last, Ordering::Release);
+            }
+            let mut unpaced = Pacer::new(0);
+            let sent = match sender.send(&mut writer, pages, None, &mut unpaced) {
+                Ok(sent) => sent,
+                Err(crate::pages::SendError::Wire(e)) => return Err(e),
+                Err(e) => {
+                    return Err(WireError::Io(std::io::Error::other(e.to_string())));
+                }
+            };
+            self.account(sent);
+            self.sidecar.metrics.faults.inc_by(sent.pages);
+        }
     }
 }
 
@@ -492,54 +700,6 @@ fn measured_bandwidth(passes: &[Pass]) -> f64 {
     let page_rate =
         passes.iter().map(|p| p.pages_sent).sum::<u64>() as f64 * PAGE_SIZE as f64 / secs.max(1e-6);
     data_rate.min(page_rate).max(100e6)
-}
-
-/// Answers fault requests on the urgent channel until the target closes it (or, once the push
-/// is done, until it goes quiet). Every request is answered, even for pages already pushed:
-/// the copy on the main channel may be queued behind megabytes of other pages.
-fn serve_faults(
-    (mut reader, mut writer): Conn,
-    mem: &GuestMemory,
-    total: u64,
-    needed: &AtomicPageBitmap,
-    hint: &AtomicU64,
-    stop: &AtomicBool,
-) -> anyhow::Result<Sent> {
-    let _ = reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(200)));
-    let mut sender = PageSender::new(mem);
-    let mut served = Sent::default();
-    loop {
-        let frame = match reader.read() {
-            Ok(f) => f,
-            Err(faultline::wire::WireError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(Ordering::Acquire) {
-                    return Ok(served);
-                }
-                continue;
-            }
-            Err(faultline::wire::WireError::Closed) => return Ok(served),
-            Err(e) => bail!("urgent channel: {e}"),
-        };
-        if frame.kind != FrameType::FaultRequest {
-            bail!("unexpected {:?} frame on the urgent channel", frame.kind);
-        }
-        let pages = FaultRequest::parse(frame.payload, total)?;
-        for &p in &pages {
-            needed.take(p);
-        }
-        if let Some(&last) = pages.last() {
-            hint.store(last, Ordering::Release);
-        }
-        let mut unpaced = Pacer::new(0);
-        served += sender.send(&mut writer, pages, None, &mut unpaced)?;
-    }
 }
 
 #[cfg(test)]

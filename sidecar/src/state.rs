@@ -166,6 +166,7 @@ pub struct Counters {
     pub zero_pages: AtomicU64,
     pub remaining_pages: AtomicU64,
     pub precopy_rounds: AtomicU32,
+    pub reconnects: AtomicU32,
     pub faults: AtomicU64,
     dirty_rate: AtomicU64,
     bandwidth: AtomicU64,
@@ -182,6 +183,7 @@ impl Counters {
             zero_pages: AtomicU64::new(0),
             remaining_pages: AtomicU64::new(0),
             precopy_rounds: AtomicU32::new(0),
+            reconnects: AtomicU32::new(0),
             faults: AtomicU64::new(0),
             dirty_rate: AtomicU64::new(0),
             bandwidth: AtomicU64::new(0),
@@ -247,6 +249,7 @@ impl Counters {
             faults: self.faults.load(r),
             fault_latency_us: self.latency(),
             downtime_ms: self.downtime().map(|d| d.as_secs_f64() * 1e3),
+            reconnects: self.reconnects.load(r),
         }
     }
 }
@@ -254,6 +257,10 @@ impl Counters {
 struct Inner {
     phase: Phase,
     trap: Option<TrapBackend>,
+    /// Source: decided to fence (a cancel can no longer win).
+    committing: bool,
+    /// Target: state restored and `prepared` sent (only the source may still cancel).
+    prepared: bool,
     committed: bool,
     vm_lost: bool,
     message: String,
@@ -302,6 +309,8 @@ impl Migration {
             inner: Mutex::new(Inner {
                 phase,
                 trap: None,
+                committing: false,
+                prepared: false,
                 committed: false,
                 vm_lost: false,
                 message: "accepted".into(),
@@ -339,6 +348,48 @@ impl Migration {
 
     pub fn commit(&self) {
         lock(&self.inner).committed = true;
+    }
+
+    /// Source, just before fencing: claims the commit unless a cancel came first. Cancel and
+    /// commit decide under one lock, so a cancel that was accepted always wins.
+    pub fn try_begin_commit(&self) -> bool {
+        let mut g = lock(&self.inner);
+        if self.cancel.load(Ordering::Acquire) {
+            return false;
+        }
+        g.committing = true;
+        true
+    }
+
+    /// Target: `prepared` was sent; from now on only the source can cancel.
+    pub fn set_prepared(&self) {
+        lock(&self.inner).prepared = true;
+    }
+
+    /// Requests cancellation, unless the migration is past deciding it.
+    pub fn request_cancel(&self) -> Result<(), String> {
+        let mut g = lock(&self.inner);
+        if g.phase.is_terminal() {
+            return Err(format!(
+                "migration `{}` has already ended ({:?})",
+                self.id, g.phase
+            ));
+        }
+        if g.committed || g.committing {
+            return Err(format!(
+                "migration `{}` is past the point of no return (the source is fenced); it can only complete",
+                self.id
+            ));
+        }
+        if g.prepared {
+            return Err(format!(
+                "migration `{}` is prepared on the target and waits for the source's decision; cancel it at the source",
+                self.id
+            ));
+        }
+        self.cancel.store(true, Ordering::Release);
+        g.message = "cancellation requested".into();
+        Ok(())
     }
 
     pub fn committed(&self) -> bool {

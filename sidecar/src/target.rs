@@ -24,10 +24,12 @@ use faultline::vmm_protocol::VmmClient;
 use faultline::vmm_protocol::messages::{Event as VmmEvent, HelloReply, UffdMode};
 use faultline::wire::frame::{FrameReader, FrameType};
 use faultline::wire::handshake::Channel;
-use faultline::wire::{Control, FaultRequest, PagesBatch, SwitchOver, WireError, layout_digest};
+use faultline::wire::{
+    Control, FaultRequest, Needed, PagesBatch, SwitchOver, WireError, layout_digest,
+};
 use rustix::event::{PollFd, PollFlags};
 
-use crate::engine::Stop;
+use crate::engine::{Link, Stop};
 use crate::metrics::RoleLabel;
 use crate::state::{Accepted, Migration, Sidecar};
 
@@ -351,6 +353,7 @@ impl Target<'_> {
         m.counters
             .remaining_pages
             .store(self.total - valid, Ordering::Relaxed);
+        m.set_prepared();
         Control::Prepared.write(&mut writer)?;
         tracing::info!(
             invalid = switch.invalid.count(),
@@ -371,7 +374,7 @@ impl Target<'_> {
 
         if !installer.states().all_valid() {
             let urgent = conns.take(Channel::Urgent, m, deadline + Duration::from_secs(3600))?;
-            self.postcopy(&installer, events, &mut reader, urgent)?;
+            writer = self.postcopy(&installer, events, (reader, writer), urgent, conns)?;
         }
         match installer.trap() {
             TrapKind::UserfaultfdMissing => {
@@ -396,13 +399,17 @@ impl Target<'_> {
         Ok(())
     }
 
+    /// Post-copy until every page is valid. A broken link pauses it — faulting vCPUs wait —
+    /// until the source reconnects; the target then says which pages it still needs and the
+    /// session starts again. Returns the main connection's writer of the last session.
     fn postcopy(
         &self,
         installer: &Arc<Installer>,
-        events: Option<VmmClient>,
-        reader: &mut FrameReader<TcpStream>,
+        mut events: Option<VmmClient>,
+        main: (FrameReader<TcpStream>, TcpStream),
         urgent: TcpStream,
-    ) -> Result<(), Stop> {
+        conns: &mut Conns,
+    ) -> Result<TcpStream, Stop> {
         let m = self.m;
         m.set_phase(
             Phase::PostCopy,
@@ -411,31 +418,94 @@ impl Target<'_> {
                 self.total - installer.states().valid_count()
             ),
         );
-        let waiting: Arc<Waiting> = Arc::new(Mutex::new(HashMap::new()));
-        let done = Arc::new(AtomicBool::new(false));
-        let faults = std::thread::scope(|scope| -> Result<(), Stop> {
-            let handler = {
-                let (installer, waiting, done) = (installer.clone(), waiting.clone(), done.clone());
-                std::thread::Builder::new()
-                    .name("fault-handler".into())
-                    .spawn_scoped(scope, move || {
-                        self.handle_faults(&installer, events, urgent, &waiting, &done)
-                    })
-                    .context("cannot start the fault handler")?
+        crate::pages::deprioritize_this_thread();
+        let waiting: Waiting = Mutex::new(HashMap::new());
+        let mut link = Some((main, urgent));
+        loop {
+            let ((mut reader, writer), urgent) = match link.take() {
+                Some(l) => l,
+                None => self.await_resume(installer, conns)?,
             };
-            crate::pages::deprioritize_this_thread();
-            let pushed = self.receive_push(installer, reader, &waiting);
-            if pushed.is_err() {
-                done.store(true, Ordering::Release);
+            match self.postcopy_session(installer, &mut events, &mut reader, urgent, &waiting) {
+                Ok(()) => return Ok(writer),
+                Err(Link::Broken(why)) => {
+                    tracing::warn!(
+                        "post-copy link to the source broke: {why}; waiting for it to reconnect"
+                    );
+                    m.set_message(format!(
+                        "post-copy paused: the link to the source broke ({why}); faulting vCPUs wait while it reconnects"
+                    ));
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                }
+                Err(Link::Fatal(stop)) => return Err(stop),
             }
+        }
+    }
+
+    /// Waits for the source to reconnect both channels and tells it what is still missing.
+    fn await_resume(
+        &self,
+        installer: &Installer,
+        conns: &mut Conns,
+    ) -> Result<((FrameReader<TcpStream>, TcpStream), TcpStream), Stop> {
+        let deadline = Instant::now() + Duration::from_secs(self.m.policy.completion_timeout_s);
+        let main = conns.take(Channel::Main, self.m, deadline)?;
+        let mut reader = FrameReader::new(main.try_clone().context("clone socket")?);
+        let mut writer = main;
+        match read_control(&mut reader, "resume")? {
+            Control::Resume => {}
+            other => return Err(Stop::failed(format!("expected resume, got {other:?}"))),
+        }
+        let missing = installer.states().missing();
+        Needed::write(&mut writer, &missing)?;
+        let urgent = conns.take(Channel::Urgent, self.m, deadline)?;
+        self.m.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(missing = missing.count(), "post-copy link re-established");
+        self.m.set_message(format!(
+            "post-copy resumed after the source reconnected: {} pages to fetch",
+            missing.count()
+        ));
+        Ok(((reader, writer), urgent))
+    }
+
+    /// One connection's worth of post-copy: the fault handler on the urgent channel, the
+    /// background push on the main channel.
+    fn postcopy_session(
+        &self,
+        installer: &Installer,
+        events: &mut Option<VmmClient>,
+        reader: &mut FrameReader<TcpStream>,
+        urgent: TcpStream,
+        waiting: &Waiting,
+    ) -> Result<(), Link> {
+        let done = AtomicBool::new(false);
+        let main = reader
+            .get_ref()
+            .try_clone()
+            .map_err(|e| Link::Fatal(Stop::failed(e)))?;
+        std::thread::scope(|scope| -> Result<(), Link> {
+            let handler = std::thread::Builder::new()
+                .name("fault-handler".into())
+                .spawn_scoped(scope, || {
+                    let r = self.handle_faults(installer, events, urgent, waiting, &done);
+                    if r.is_err() {
+                        // Unblock the push receiver: this session is over.
+                        done.store(true, Ordering::Release);
+                        let _ = main.shutdown(std::net::Shutdown::Both);
+                    }
+                    r
+                })
+                .map_err(|e| {
+                    Link::Fatal(Stop::failed(format!("cannot start the fault handler: {e}")))
+                })?;
+            let pushed = self.receive_push(installer, reader, waiting, &done);
+            done.store(true, Ordering::Release);
             let handled = handler
                 .join()
-                .map_err(|_| anyhow!("the fault handler panicked"))?;
-            pushed?;
-            handled.map_err(Stop::Failed)
-        });
-        faults?;
-        Ok(())
+                .map_err(|_| Link::Fatal(Stop::failed("the fault handler panicked")))?;
+            // The handler's error explains a push interrupted on its account.
+            handled.and(pushed)
+        })
     }
 
     /// Installs what arrives on the main channel until the source says it has sent all, then
@@ -445,18 +515,20 @@ impl Target<'_> {
         installer: &Installer,
         reader: &mut FrameReader<TcpStream>,
         waiting: &Waiting,
-    ) -> Result<(), Stop> {
+        done: &AtomicBool,
+    ) -> Result<(), Link> {
+        let fatal = |e: anyhow::Error| Link::Fatal(Stop::Failed(e));
         loop {
-            let frame = reader
-                .read()
-                .context("the source went away during post-copy")?;
+            let frame = reader.read().map_err(Link::from_wire)?;
             match frame.kind {
                 FrameType::Pages => {
-                    let batch = PagesBatch::parse(frame.payload, self.total)?;
+                    let batch = PagesBatch::parse(frame.payload, self.total)
+                        .map_err(|e| Link::Fatal(e.into()))?;
                     let mut zero = 0;
                     for (page, data) in batch.pages() {
                         zero += u64::from(data.is_none());
-                        self.install(installer, page, data, waiting)?;
+                        self.install(installer, page, data, waiting)
+                            .map_err(|e| fatal(anyhow!("{e}")))?;
                     }
                     self.account(batch.entries.len() as u64, zero, frame.payload.len() as u64);
                     self.m.counters.remaining_pages.store(
@@ -464,25 +536,29 @@ impl Target<'_> {
                         Ordering::Relaxed,
                     );
                 }
-                FrameType::Control => match Control::parse(frame.payload)? {
-                    Control::PushDone { .. } => break,
-                    other => {
-                        return Err(Stop::failed(format!(
-                            "unexpected {other:?} during post-copy"
-                        )));
+                FrameType::Control => {
+                    match Control::parse(frame.payload).map_err(|e| Link::Fatal(e.into()))? {
+                        Control::PushDone { .. } => break,
+                        other => {
+                            return Err(fatal(anyhow!("unexpected {other:?} during post-copy")));
+                        }
                     }
-                },
+                }
                 other => {
-                    return Err(Stop::failed(format!(
+                    return Err(fatal(anyhow!(
                         "unexpected {other:?} frame during post-copy"
                     )));
                 }
             }
         }
+        // The last pages may still be on their way on the urgent channel.
         let deadline = Instant::now() + Duration::from_secs(60);
         while !installer.states().all_valid() {
+            if done.load(Ordering::Acquire) {
+                return Err(Link::Broken("the fault handler stopped".into()));
+            }
             if Instant::now() > deadline {
-                return Err(Stop::failed(format!(
+                return Err(fatal(anyhow!(
                     "{} pages never arrived after the source finished pushing",
                     self.total - installer.states().valid_count()
                 )));
@@ -526,7 +602,22 @@ impl Target<'_> {
     fn handle_faults(
         &self,
         installer: &Installer,
-        mut events: Option<VmmClient>,
+        events: &mut Option<VmmClient>,
+        urgent: TcpStream,
+        waiting: &Waiting,
+        done: &AtomicBool,
+    ) -> Result<(), Link> {
+        self.handle_faults_inner(installer, events, urgent, waiting, done)
+            .map_err(|e| match e.downcast::<WireError>() {
+                Ok(wire) => Link::from_wire(wire),
+                Err(other) => Link::Fatal(Stop::Failed(other)),
+            })
+    }
+
+    fn handle_faults_inner(
+        &self,
+        installer: &Installer,
+        events: &mut Option<VmmClient>,
         urgent: TcpStream,
         waiting: &Waiting,
         done: &AtomicBool,
@@ -536,6 +627,11 @@ impl Target<'_> {
         let mut reader = FrameReader::new(urgent);
         let mut requests = Vec::new();
         let mut faulted_pages = Vec::new();
+        // After a reconnect: ask again for what vCPUs were already waiting for.
+        let again = installer.states().waiting_pages();
+        for chunk in again.chunks(faultline::wire::messages::MAX_BATCH) {
+            FaultRequest::write(&mut writer, chunk)?;
+        }
         while !installer.states().all_valid() && !done.load(Ordering::Acquire) {
             let source_fd = match (installer.uffd(), &events) {
                 (Some(uffd), _) => uffd.as_fd(),
@@ -599,17 +695,12 @@ impl Target<'_> {
                         .fetch_add(requests.len() as u64, Ordering::Relaxed);
                     self.sidecar.metrics.faults.inc_by(requests.len() as u64);
                     for chunk in requests.chunks(faultline::wire::messages::MAX_BATCH) {
-                        FaultRequest::write(&mut writer, chunk)
-                            .context("sending a fault request")?;
+                        FaultRequest::write(&mut writer, chunk)?;
                     }
                 }
             }
             if replied {
-                let frame = match reader.read() {
-                    Ok(f) => f,
-                    Err(WireError::Closed) => bail!("the source closed the urgent channel"),
-                    Err(e) => return Err(e).context("urgent channel"),
-                };
+                let frame = reader.read()?;
                 if frame.kind != FrameType::Pages {
                     bail!("unexpected {:?} frame on the urgent channel", frame.kind);
                 }
@@ -623,6 +714,14 @@ impl Target<'_> {
                 self.account(batch.entries.len() as u64, zero, frame.payload.len() as u64);
             }
         }
+        // Close gracefully: replies still in flight are read and dropped, so the source sees
+        // an orderly end rather than a reset.
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(100)));
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until && reader.read().is_ok() {}
         Ok(())
     }
 }

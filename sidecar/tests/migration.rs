@@ -251,42 +251,52 @@ fn postcopy_heavy_dirty_rate_races_the_push() {
     }
 }
 
-/// A pre-copy that cannot converge (heavy dirty rate, 1 ms budget) keeps the migration in
-/// pre-copy long enough to interrupt it.
+/// A pre-copy that stays in its first pass for many seconds, whatever the load on the host:
+/// its bandwidth is capped (256 MiB at 16 MB/s is 16 s), and it could not converge anyway.
 fn endless_precopy() -> Policy {
     Policy {
         mode: Mode::PreCopy,
         precopy_passes: 1000,
         max_downtime_ms: 1,
+        bandwidth_limit: 16_000_000,
         ..Policy::default()
     }
 }
 
-fn wait_precopy_rounds(side: &Side, id: &str, rounds: u32) {
+/// Waits until the source has sent some pages of its first pass.
+fn wait_precopy_underway(side: &Side, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = side.sidecar.client().status(id).expect("status");
         assert!(!s.phase.is_terminal(), "ended early: {s:#?}");
-        if s.progress.precopy_rounds >= rounds {
+        if s.phase == Phase::PreCopy && s.progress.transferred_pages > 1000 {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "pre-copy never reached round {rounds}"
+            "pre-copy never got going: {s:#?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// A pair whose migration `tag` is in its second pre-copy pass and will not converge.
+/// A pair whose migration `tag` is well into a long pre-copy pass.
 fn in_endless_precopy(tag: &str) -> Pair {
     let p = pair(
         tag,
-        &["--memory", "256M", "--vcpus", "2", "--dirty-rate", "heavy"],
+        &[
+            "--memory",
+            "256M",
+            "--vcpus",
+            "2",
+            "--dirty-rate",
+            "heavy",
+            "--prefill",
+        ],
     );
     let secret = Secret::generate().expect("secret");
     start(&p, tag, &endless_precopy(), &secret, &secret);
-    wait_precopy_rounds(&p.src, tag, 2);
+    wait_precopy_underway(&p.src, tag);
     p
 }
 
@@ -444,4 +454,153 @@ fn bad_requests_are_refused() {
     let node = c.node().expect("node");
     assert!(node.vm.is_some());
     assert!(!node.trap_backends.is_empty());
+}
+
+/// A TCP forwarder standing in for the network between the sidecars, whose connections the
+/// test can cut while new ones still get through.
+struct Proxy {
+    addr: String,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: String) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let conns = live.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let (c2, s2) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                conns.lock().expect("proxy list").extend([c2, s2]);
+                pipe(
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                pipe(server, client);
+            }
+        });
+        Self { addr, live }
+    }
+
+    /// Cuts every connection open now.
+    fn sever(&self) -> usize {
+        let mut live = self.live.lock().expect("proxy list");
+        for s in live.iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let n = live.len();
+        live.clear();
+        n
+    }
+}
+
+/// The link breaks in the middle of post-copy, when the VM already runs on the target and
+/// only the source holds the rest of its memory: vCPUs that need missing pages wait, the source
+/// reconnects, the target says what it still needs, and the migration completes with the
+/// guest intact.
+#[test]
+fn postcopy_survives_a_broken_link() {
+    if !kvm_available() {
+        return;
+    }
+    let mut p = pair("relink", &["--memory", "256M", "--vcpus", "2", "--prefill"]);
+    let proxy = Proxy::start(p.dst.sidecar.migration_addr());
+    let secret = Secret::generate().expect("secret");
+    // A capped push keeps post-copy going for seconds (256 MiB at 32 MB/s).
+    let policy = Policy {
+        mode: Mode::PostCopy,
+        precopy_passes: 0,
+        bandwidth_limit: 32_000_000,
+        ..Policy::default()
+    };
+    p.dst
+        .sidecar
+        .client()
+        .start(&request("relink", Role::Target, None, &secret, &policy))
+        .expect("start target");
+    p.src
+        .sidecar
+        .client()
+        .start(&request(
+            "relink",
+            Role::Source,
+            Some(proxy.addr.clone()),
+            &secret,
+            &policy,
+        ))
+        .expect("start source");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = p.src.sidecar.client().status("relink").expect("status");
+        assert!(!s.phase.is_terminal(), "ended before the cut: {s:#?}");
+        if s.phase == Phase::PostCopy && s.progress.transferred_pages > 8000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "post-copy never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(proxy.sever() >= 4, "both channels were open");
+    let src = wait_terminal(&p.src, "relink", Duration::from_secs(120));
+    let dst = wait_terminal(&p.dst, "relink", Duration::from_secs(30));
+    assert_eq!(
+        src.phase,
+        Phase::Completed,
+        "source: {src:#?}\n{}",
+        p.src.sidecar.log()
+    );
+    assert_eq!(
+        dst.phase,
+        Phase::Completed,
+        "target: {dst:#?}\n{}",
+        p.dst.sidecar.log()
+    );
+    assert!(src.progress.reconnects >= 1 && dst.progress.reconnects >= 1);
+    assert!(!src.vm_lost && !dst.vm_lost);
+    let (final_src, _) = p
+        .src
+        .vmm
+        .wait(Duration::from_secs(30))
+        .expect("source VMM exits");
+    assert_eq!(final_src.state, VmState::Fenced);
+    let at_end = p
+        .dst
+        .vmm
+        .client()
+        .expect("client")
+        .status()
+        .expect("status");
+    let after = wait_status(&p.dst.vmm, Duration::from_secs(90), |s| {
+        s.vcpu_status
+            .iter()
+            .zip(&at_end.vcpu_status)
+            .all(|(v, a)| v.status_word > a.status_word)
+    });
+    assert_eq!(
+        after.failures, 0,
+        "the guest found damage: {:?}",
+        after.failed_pages
+    );
+    assert!(
+        after
+            .vcpu_status
+            .iter()
+            .zip(&at_end.vcpu_status)
+            .all(|(v, a)| v.status_word > a.status_word)
+    );
 }

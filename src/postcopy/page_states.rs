@@ -102,6 +102,30 @@ impl PageStates {
         }
     }
 
+    /// Pages a vCPU waits for that are not valid yet (to ask for again after a reconnect).
+    pub fn waiting_pages(&self) -> Vec<u64> {
+        self.states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                let s = s.load(Ordering::Acquire);
+                s & REQUESTED != 0 && s & STATE_MASK != VALID
+            })
+            .map(|(p, _)| p as u64)
+            .collect()
+    }
+
+    /// The pages not valid yet.
+    pub fn missing(&self) -> crate::bitmap::PageBitmap {
+        let mut b = crate::bitmap::PageBitmap::new(self.pages());
+        for (p, s) in self.states.iter().enumerate() {
+            if s.load(Ordering::Acquire) & STATE_MASK != VALID {
+                b.set(p as u64);
+            }
+        }
+        b
+    }
+
     /// Whether a vCPU waits for `page`.
     pub fn is_requested(&self, page: u64) -> bool {
         self.states[page as usize].load(Ordering::Acquire) & REQUESTED != 0
@@ -133,6 +157,8 @@ mod tests {
         s.unclaim(3);
         assert!(s.try_claim(3));
         assert!(!s.finish(3));
+        assert_eq!(s.missing().iter_set().collect::<Vec<_>>(), vec![0]);
+        assert!(s.waiting_pages().is_empty());
         s.set_valid(0);
         s.set_valid(0);
         assert_eq!(s.valid_count(), 4);

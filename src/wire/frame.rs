@@ -22,6 +22,8 @@ pub enum FrameType {
     Pages = 12,
     /// The switch-over message: the pages the target must not trust, and the VM state.
     SwitchOver = 14,
+    /// After a reconnect in post-copy: the pages the target still needs.
+    Needed = 16,
     FaultRequest = 20,
 }
 
@@ -36,6 +38,7 @@ impl FrameType {
             10 => Self::Control,
             12 => Self::Pages,
             14 => Self::SwitchOver,
+            16 => Self::Needed,
             20 => Self::FaultRequest,
             _ => return None,
         })

@@ -43,6 +43,9 @@ pub enum Control {
     Complete { faults: u64 },
     /// Either side, before the commit point: stop; the source keeps running.
     Cancel { reason: String },
+    /// Source → target, first on a new main connection after the link broke in post-copy:
+    /// carry on. The target answers with a `Needed` frame.
+    Resume,
 }
 
 impl Control {
@@ -206,6 +209,37 @@ impl FaultRequest {
     }
 }
 
+/// Target → source after a reconnect: the pages the target does not hold yet.
+pub struct Needed;
+
+impl Needed {
+    /// `u64 pages, bitmap`.
+    pub fn write(w: &mut impl std::io::Write, needed: &PageBitmap) -> Result<(), WireError> {
+        write_frame(
+            w,
+            FrameType::Needed,
+            0,
+            &[&needed.pages().to_le_bytes(), &needed.to_le_bytes()],
+        )
+    }
+
+    pub fn parse(payload: &[u8], total_pages: u64) -> Result<PageBitmap, WireError> {
+        let bad = |why: String| WireError::malformed("needed-pages bitmap", why);
+        if payload.len() < 8 {
+            return Err(bad("shorter than its header".into()));
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&payload[..8]);
+        let pages = u64::from_le_bytes(b);
+        if pages != total_pages {
+            return Err(bad(format!(
+                "for {pages} pages, the layout has {total_pages}"
+            )));
+        }
+        PageBitmap::from_le_bytes(&payload[8..], pages).map_err(|e| bad(e.to_string()))
+    }
+}
+
 /// Source → target with the VM paused: which pages the target must not trust (never sent, or
 /// written after they were last sent) and the VM state blob.
 #[derive(Debug)]
@@ -314,6 +348,16 @@ mod tests {
         assert_eq!(s.state, b"state");
         assert!(Control::parse(br#"{"type":"commit","extra":1}"#).is_err());
         assert!(FaultRequest::parse(&[0; 7], 10).is_err());
+        let mut needed = PageBitmap::new(70);
+        needed.set(69);
+        let mut wire = Vec::new();
+        Needed::write(&mut wire, &needed).unwrap();
+        let f = FrameReader::new(&wire[..])
+            .read()
+            .map(|f| f.payload.to_vec())
+            .unwrap();
+        assert_eq!(Needed::parse(&f, 70).unwrap(), needed);
+        assert!(Needed::parse(&f, 71).is_err());
         assert!(FaultRequest::parse(&20u64.to_le_bytes(), 10).is_err());
     }
 
@@ -323,6 +367,7 @@ mod tests {
             let _ = PagesBatch::parse(&bytes, 1000);
             let _ = SwitchOver::parse(&bytes, 1000);
             let _ = FaultRequest::parse(&bytes, 1000);
+            let _ = Needed::parse(&bytes, 1000);
             let _ = Control::parse(&bytes);
         }
     }

@@ -10,7 +10,7 @@ pub mod messages;
 
 pub use frame::{FrameReader, FrameType, WireError, write_frame};
 pub use handshake::{Channel, LayoutDigest, Secret, layout_digest};
-pub use messages::{Control, FaultRequest, PageEntry, PagesBatch, SwitchOver};
+pub use messages::{Control, FaultRequest, Needed, PageEntry, PagesBatch, SwitchOver};
 
 /// The wire protocol version this build speaks.
 pub const WIRE_VERSION: u8 = 1;

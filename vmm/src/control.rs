@@ -18,15 +18,21 @@ use faultline::vmm_protocol::messages::{
 
 use crate::vm::Vm;
 
+/// Fails if another process listens on `path`, so two VMMs never share a socket.
+pub fn check_free(path: &Path) -> anyhow::Result<()> {
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        anyhow::bail!("{} is in use by another process", path.display());
+    }
+    Ok(())
+}
+
 /// Binds the control socket. A stale socket file (no one listening) is replaced; a live one
-/// is an error, so two VMMs never share a socket.
+/// is an error.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    check_free(path)?;
     if path.exists() {
-        match UnixStream::connect(path) {
-            Ok(_) => anyhow::bail!("{} is in use by another process", path.display()),
-            Err(_) => std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?,
-        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }

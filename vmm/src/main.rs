@@ -189,7 +189,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
             .context("cannot install the SIGINT/SIGTERM handler")?;
     }
-    let listener = cli.control.as_deref().map(control::bind).transpose()?;
+    // Refuse a socket in use before doing anything; listen only once the VM is ready (a
+    // client that can connect may rely on the VM's state).
+    if let Some(path) = cli.control.as_deref() {
+        control::check_free(path)?;
+    }
 
     let vm = Arc::new(
         Vm::new(VmConfig {
@@ -212,10 +216,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         incoming = cli.incoming,
         "VM created"
     );
-    if let Some(listener) = listener {
-        control::serve(listener, vm.clone(), cli.control_frame_timeout)
-            .context("cannot start the control server")?;
-    }
     if let Some(mt) = memtouch.filter(|_| cli.prefill && !cli.incoming) {
         let started = Instant::now();
         mt.prefill(cli.memory, |gpa, bytes| vm.memory().write(gpa, bytes))
@@ -227,6 +227,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     if !cli.incoming {
         vm.start();
+    }
+    if let Some(path) = cli.control.as_deref() {
+        let listener = control::bind(path)?;
+        control::serve(listener, vm.clone(), cli.control_frame_timeout)
+            .context("cannot start the control server")?;
     }
 
     let started = Instant::now();

@@ -170,6 +170,13 @@ impl<'a> PageSender<'a> {
     }
 }
 
+/// Makes the calling thread (one serving faults) real-time, best effort.
+pub fn prioritize_this_thread() {
+    if let Err(e) = faultline::sys::sched::realtime_this_thread() {
+        tracing::debug!("cannot make the fault thread real-time: {e}");
+    }
+}
+
 /// Lowers the calling thread's CPU priority (nice 10) for bulk work, so that on a busy host
 /// the threads serving faults run first: a vCPU is waiting on those, nobody on the bulk.
 pub fn deprioritize_this_thread() {

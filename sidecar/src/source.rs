@@ -513,6 +513,7 @@ impl Source<'_> {
             let server = std::thread::Builder::new()
                 .name("fault-server".into())
                 .spawn_scoped(scope, || {
+                    crate::pages::prioritize_this_thread();
                     let result = self.serve_faults(urgent, &needed, &hint, &stop);
                     if let Err(e) = result
                         && !stop.load(Ordering::Acquire)

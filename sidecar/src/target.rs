@@ -487,6 +487,7 @@ impl Target<'_> {
             let handler = std::thread::Builder::new()
                 .name("fault-handler".into())
                 .spawn_scoped(scope, || {
+                    crate::pages::prioritize_this_thread();
                     let r = self.handle_faults(installer, events, urgent, waiting, &done);
                     if r.is_err() {
                         // Unblock the push receiver: this session is over.

@@ -4,6 +4,7 @@
 
 pub mod fdpass;
 pub mod mmap;
+pub mod sched;
 pub mod uffd;
 
 pub use mmap::{MmapError, MmapRegion};

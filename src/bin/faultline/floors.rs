@@ -35,6 +35,11 @@ pub struct Floors {
     pub install_uffd_copy_us: f64,
     pub install_memfd_hole_us: f64,
     pub install_memfd_allocated_us: f64,
+    /// Writing memory this process never touched (page faults, zeroing, and — on a VM like our
+    /// development machines — the hypervisor backing the page), bytes per second over the
+    /// guest size. Any target must write every page of a fresh VM once, so bulk transfer cannot
+    /// beat this either.
+    pub fresh_memory_write_bytes_per_sec: f64,
 }
 
 pub fn measure(quick: bool) -> anyhow::Result<Floors> {
@@ -45,6 +50,7 @@ pub fn measure(quick: bool) -> anyhow::Result<Floors> {
     let (fault, baseline) = uffd_vcpu_fault(if quick { 3 } else { 9 })?;
     let exit = kvm_exit(if quick { 3 } else { 9 })?;
     let (copy, hole, allocated) = install_costs(if quick { 16384 } else { 65536 })?;
+    let fresh = fresh_write(if quick { 256 << 20 } else { 1 << 30 })?;
     Ok(Floors {
         tcp_bandwidth_bytes_per_sec: bw,
         tcp_rtt_4k_us_p50: p50,
@@ -55,7 +61,19 @@ pub fn measure(quick: bool) -> anyhow::Result<Floors> {
         install_uffd_copy_us: copy,
         install_memfd_hole_us: hole,
         install_memfd_allocated_us: allocated,
+        fresh_memory_write_bytes_per_sec: fresh,
     })
+}
+
+/// Bytes per second writing `len` bytes of memory never touched before, a page at a time.
+fn fresh_write(len: usize) -> anyhow::Result<f64> {
+    let mem = MmapRegion::anonymous(len)?;
+    let page = vec![0x5Au8; 4096];
+    let t = Instant::now();
+    for p in (0..len).step_by(4096) {
+        mem.write(p as u64, &page)?;
+    }
+    Ok(len as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Per-page cost of the three ways a target installs pages.

@@ -241,7 +241,7 @@ impl Source<'_> {
 
         let mut pacer = Pacer::new(policy.bandwidth_limit);
         let (switch, pending) = if precopy {
-            self.precopy(&mut main.1, &effective, &mut pacer)?
+            self.precopy(main, &effective, &mut pacer)?
         } else if effective.mode == Mode::PreCopy {
             (Switch::StopAndCopy, PageBitmap::full(self.total))
         } else {
@@ -255,7 +255,7 @@ impl Source<'_> {
     /// still to send.
     fn precopy(
         &mut self,
-        w: &mut TcpStream,
+        (r, w): &mut Conn,
         policy: &Policy,
         pacer: &mut Pacer,
     ) -> Result<(Switch, PageBitmap), Stop> {
@@ -275,6 +275,19 @@ impl Source<'_> {
             let started = Instant::now();
             let known_zero = (round == 1).then_some(&holes);
             let sent = self.send(w, &pending, known_zero, pacer, true)?;
+            Control::RoundEnd {
+                round,
+                sent: sent.pages,
+            }
+            .write(w)?;
+            match self.wait_control(r, "round done")? {
+                Control::RoundDone { round: done } if done == round => {}
+                other => {
+                    return Err(Stop::failed(format!(
+                        "expected round {round} done, got {other:?}"
+                    )));
+                }
+            }
             let duration = started.elapsed();
             let dirty = self
                 .vmm
@@ -293,12 +306,6 @@ impl Source<'_> {
             c.set_dirty_rate(pass.dirty_rate());
             c.set_bandwidth(bandwidth);
             c.remaining_pages.store(dirty.count(), Ordering::Relaxed);
-            Control::RoundEnd {
-                round,
-                sent: sent.pages,
-                dirty: dirty.count(),
-            }
-            .write(w)?;
             tracing::info!(
                 round,
                 sent = sent.pages,
@@ -326,6 +333,8 @@ impl Source<'_> {
     ) -> Result<(), Stop> {
         let m = self.m;
         m.set_phase(Phase::SwitchOver, "pausing the source VM");
+        // Downtime starts here: this thread must not wait behind vCPUs for a core.
+        let realtime = faultline::sys::sched::RealtimeWindow::enter();
         let paused_at = Instant::now();
         self.vmm.pause().context("cannot pause the source VM")?;
         let t_paused = paused_at.elapsed();
@@ -370,7 +379,12 @@ impl Source<'_> {
             ));
         }
         // The point of no return.
+        let t_fence = Instant::now();
         self.vmm.fence().context("cannot fence the source VM")?;
+        tracing::info!(
+            fence_us = t_fence.elapsed().as_micros() as u64,
+            "source fenced"
+        );
         m.commit();
         m.set_message("committed: the source is fenced; the target resumes");
         Control::Commit.write(&mut main.1)?;
@@ -388,6 +402,7 @@ impl Source<'_> {
             commit_us = (downtime - t_prepared).as_micros() as u64,
             "switch-over timings"
         );
+        drop(realtime);
         m.counters.set_downtime(downtime);
         self.sidecar.metrics.downtime.set(downtime.as_secs_f64());
         tracing::info!(downtime_ms = downtime.as_secs_f64() * 1e3, "target resumed");

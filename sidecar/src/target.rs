@@ -309,12 +309,12 @@ impl Target<'_> {
                 }
                 FrameType::SwitchOver => break SwitchOver::parse(frame.payload, self.total)?,
                 FrameType::Control => match Control::parse(frame.payload)? {
-                    Control::RoundEnd { round, dirty, .. } => {
+                    Control::RoundEnd { round, sent } => {
                         m.counters.precopy_rounds.store(round, Ordering::Relaxed);
-                        m.counters.remaining_pages.store(dirty, Ordering::Relaxed);
                         m.set_message(format!(
-                            "pre-copy pass {round} received; {dirty} pages dirtied meanwhile"
+                            "pre-copy pass {round} received and installed ({sent} pages)"
                         ));
+                        Control::RoundDone { round }.write(&mut writer)?;
                     }
                     Control::Cancel { reason } => {
                         return Err(Stop::Cancelled(format!("the source cancelled: {reason}")));
@@ -334,6 +334,8 @@ impl Target<'_> {
         };
 
         m.set_phase(Phase::SwitchOver, "restoring the VM state");
+        // The source is paused from here until we say `resumed`.
+        let realtime = faultline::sys::sched::RealtimeWindow::enter();
         let t0 = Instant::now();
         let discard = installer
             .switch_over(&switch.invalid)
@@ -368,8 +370,11 @@ impl Target<'_> {
         }
         // The source is fenced: from here the VM exists only here.
         m.commit();
+        let t = Instant::now();
         self.vmm.resume().context("cannot resume the target VM")?;
         Control::Resumed.write(&mut writer)?;
+        drop(realtime);
+        tracing::info!(resume_us = t.elapsed().as_micros() as u64, "target resumed");
         m.set_message("running on the target");
 
         if !installer.states().all_valid() {

@@ -250,11 +250,7 @@ impl Installer {
             // exactly the invalid pages, and nothing needs punching or discarding.
             self.finish_preallocation()?;
             bitmap.keep_only(invalid);
-            for p in 0..pages {
-                if !invalid.test(p) {
-                    self.states.set_valid(p);
-                }
-            }
+            self.states.set_valid_except(invalid);
             return Ok(PageBitmap::new(pages));
         }
         // A page allocated by preallocation but not valid must be punched like a stale one.
@@ -263,10 +259,9 @@ impl Installer {
         let populated = self.populated();
         let mut discard = PageBitmap::new(pages);
         let mut punch = PageBitmap::new(pages);
-        for p in 0..pages {
-            if !invalid.test(p) {
-                self.states.set_valid(p);
-            } else if populated.test(p) || preallocated {
+        self.states.set_valid_except(invalid);
+        for p in invalid.iter_set() {
+            if populated.test(p) || preallocated {
                 match self.mem.backing_of(p) {
                     Some(BackingKind::Anon) if populated.test(p) => discard.set(p),
                     Some(BackingKind::Anon) => {}

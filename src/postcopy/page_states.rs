@@ -63,6 +63,20 @@ impl PageStates {
         }
     }
 
+    /// Switch-over, before anything else touches the states: every page not in `invalid`
+    /// becomes valid. Plain stores rather than read-modify-writes, so 1 GiB takes well under a
+    /// millisecond of the VM's downtime.
+    pub fn set_valid_except(&self, invalid: &crate::bitmap::PageBitmap) {
+        let mut newly = 0u64;
+        for (p, state) in self.states.iter().enumerate() {
+            if !invalid.test(p as u64) && state.load(Ordering::Relaxed) & STATE_MASK != VALID {
+                state.store(VALID, Ordering::Relaxed);
+                newly += 1;
+            }
+        }
+        self.valid.fetch_add(newly, Ordering::AcqRel);
+    }
+
     /// Claims an absent page for installation. False if it is being or has been installed.
     pub fn try_claim(&self, page: u64) -> bool {
         self.states[page as usize]
@@ -158,6 +172,13 @@ mod tests {
         assert!(s.try_claim(3));
         assert!(!s.finish(3));
         assert_eq!(s.missing().iter_set().collect::<Vec<_>>(), vec![0]);
+        let bulk = PageStates::new(130);
+        let mut invalid = crate::bitmap::PageBitmap::new(130);
+        invalid.set(7);
+        invalid.set(129);
+        bulk.set_valid_except(&invalid);
+        assert_eq!(bulk.valid_count(), 128);
+        assert_eq!(bulk.missing(), invalid);
         assert!(s.waiting_pages().is_empty());
         s.set_valid(0);
         s.set_valid(0);

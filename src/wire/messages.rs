@@ -27,7 +27,11 @@ pub enum Control {
     /// Target → source: ready, with the trap it armed (None when no post-copy can happen).
     Ready { trap: Option<TrapBackend> },
     /// Source → target: a pre-copy pass ended.
-    RoundEnd { round: u32, sent: u64, dirty: u64 },
+    RoundEnd { round: u32, sent: u64 },
+    /// Target → source: every page of that pass is installed. The source times a pass until
+    /// this arrives, so its bandwidth estimate includes the target's work, and it never pauses
+    /// the VM while the target still has a backlog to install.
+    RoundDone { round: u32 },
     /// Target → source: the state is restored and all valid pages installed; the target
     /// resumes as soon as the source commits.
     Prepared,

@@ -53,6 +53,9 @@ pub fn serve(
                         let spawned = std::thread::Builder::new()
                             .name("control-conn".into())
                             .spawn(move || {
+                                // Requests are rare and short, and one of them ends a VM's
+                                // downtime: answer ahead of the vCPUs it just woke.
+                                let _ = faultline::sys::sched::realtime_this_thread();
                                 handle(
                                     Connection::new(stream).with_frame_timeout(frame_timeout),
                                     &vm,

@@ -90,3 +90,42 @@ fn probe_lists_every_backing_and_backend() {
         assert!(p["reason"].as_str().is_some_and(|r| !r.is_empty()));
     }
 }
+
+/// Post-copy of guest_memfd memory works where the kernel offers KVM Userfault (our kernel, in
+/// the boot matrix) and is reported unavailable — exit 77, with the probed reasons — where it
+/// does not (the development machines), never as a silent fallback.
+#[test]
+fn demo_guest_memfd_postcopy_is_done_or_explicitly_unavailable() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["demo", "--backing", "guest-memfd", "--mode", "postcopy"])
+        .args([
+            "--precopy-passes",
+            "0",
+            "--memory",
+            "64M",
+            "--json",
+            "--warmup",
+            "200ms",
+        ])
+        .output()
+        .expect("run faultline demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => {
+            let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            assert_eq!(r["trap"], "kvm-userfault");
+            assert_eq!(r["guest"]["failures"], 0);
+        }
+        Some(77) => {
+            assert!(stderr.contains("unavailable"), "{stderr}");
+            assert!(
+                stderr.contains("kvm-userfault") && stderr.contains("userfaultfd"),
+                "{stderr}"
+            );
+        }
+        other => panic!("exit {other:?}: {stderr}"),
+    }
+}

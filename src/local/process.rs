@@ -25,6 +25,8 @@ pub enum LocalError {
     Exited {
         what: String,
         status: String,
+        /// The exit code; 77 means the kernel lacks what was asked for.
+        code: Option<i32>,
         log: String,
     },
     #[error("{what} did not become ready within {secs} s")]
@@ -130,6 +132,7 @@ impl VmmProcess {
                 return Err(LocalError::Exited {
                     what: vmm.name.clone(),
                     status: status.to_string(),
+                    code: status.code(),
                     log: log_tail(&vmm.log),
                 });
             }
@@ -259,10 +262,11 @@ impl SidecarProcess {
                 why: format!("bad address line `{line}`: {e}"),
             })?,
             _ => {
-                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                let status = child.wait().ok();
                 return Err(LocalError::Exited {
                     what,
-                    status,
+                    status: status.map(|s| s.to_string()).unwrap_or_default(),
+                    code: status.and_then(|s| s.code()),
                     log: log_tail(&log),
                 });
             }

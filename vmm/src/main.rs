@@ -144,7 +144,20 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("faultline-vmm: error: {e:#}");
-            std::process::exit(2);
+            // 77: this kernel lacks what was asked for (automake's "skipped"), so callers can
+            // tell "cannot here" from "broken".
+            let missing = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<memory::MemoryError>(),
+                    Some(memory::MemoryError::MissingCapability { .. })
+                ) || matches!(
+                    c.downcast_ref::<vm::VmError>(),
+                    Some(vm::VmError::Memory(
+                        memory::MemoryError::MissingCapability { .. }
+                    ))
+                )
+            });
+            std::process::exit(if missing { 77 } else { 2 });
         }
     }
 }

@@ -286,3 +286,32 @@ fn bad_options_are_refused() {
         assert!(!out.stderr.is_empty(), "{args:?} failed without saying why");
     }
 }
+
+/// A backing this kernel cannot provide ends the VMM with exit status 77 ("cannot here") and
+/// the capability it probed, not with a generic failure.
+#[test]
+fn missing_capability_exits_77() {
+    if !kvm_available() {
+        return;
+    }
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--memory",
+            "64M",
+            "--backing",
+            "guest-memfd",
+            "--run-for",
+            "200ms",
+            "-q",
+        ])
+        .output()
+        .expect("run faultline-vmm");
+    match out.status.code() {
+        Some(0) => {} // this kernel has mmap-able guest_memfd
+        Some(77) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("KVM_CAP_"), "names the capability: {err}");
+        }
+        other => panic!("exit {other:?}: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}

@@ -19,6 +19,7 @@ mount -t tmpfs tmpfs /tmp
 for m in $(cat /faultline/modules.order); do
     insmod /faultline/modules/$m.ko || echo "faultline-init: insmod $m failed"
 done
+ip link set lo up 2>/dev/null || echo "faultline-init: no loopback network"
 echo "faultline-init: $(uname -r), $(nproc) CPUs, $(grep -c . /faultline/modules.order) modules"
 RUST_LOG=info /bin/faultline-e2e guest --plan /faultline/plan.json --results /dev/ttyS1
 echo "faultline-init: guest exited with $?"

@@ -1126,26 +1126,7 @@ impl Drop for PodProcesses {
 
 /// Finds a workspace binary beside the test executable (`target/<profile>/deps/..`).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("FAULTLINE_BIN_DIR") {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Some(d) = exe.parent() {
-        dirs.push(d.to_path_buf());
-        if let Some(up) = d.parent() {
-            dirs.push(up.to_path_buf());
-        }
-    }
-    dirs.iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "cannot find `{name}` near {} (build the workspace: cargo build --workspace)",
-                exe.display()
-            )
-        })
+    faultline::local::binary(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs a scheduled pod's containers and reports it Ready once its sidecar is.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use faultline::local::{SidecarProcess, VmmProcess};
+use faultline::local::{LocalError, SidecarProcess, VmmProcess};
 use faultline::sidecar_api::{
     LatencySummary, MigrationStatus, Mode, Phase, Policy, Role, StartMigration,
 };
@@ -126,8 +126,20 @@ pub struct Report {
     pub error: Option<String>,
 }
 
+/// Exit status when the kernel cannot do what was asked (the automake convention for "skipped").
+pub const EXIT_UNAVAILABLE: i32 = 77;
+
 pub fn run(args: &DemoArgs) -> anyhow::Result<i32> {
-    let report = migrate(args, !args.json)?;
+    let report = match migrate(args, !args.json) {
+        Ok(r) => r,
+        Err(e) => match e.downcast::<Unavailable>() {
+            Ok(u) => {
+                eprintln!("faultline demo: {u}");
+                return Ok(EXIT_UNAVAILABLE);
+            }
+            Err(e) => return Err(e),
+        },
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -185,14 +197,28 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         "starting the source VMM (memtouch, {memory}, {vcpus} vCPUs, {}) and the target VMM (incoming)",
         args.backing
     ));
-    let mut src_vmm = VmmProcess::start("demo-src", &src_args).context("source VMM")?;
-    let mut dst_vmm = VmmProcess::start("demo-dst", &dst_args).context("target VMM")?;
+    let start_vmm = |tag: &str, args: &[String]| -> anyhow::Result<VmmProcess> {
+        VmmProcess::start(tag, args).map_err(|e| match e {
+            // The VMM exits 77 when the kernel lacks what the backing needs.
+            LocalError::Exited {
+                code: Some(77),
+                log,
+                ..
+            } => Unavailable(log).into(),
+            other => anyhow::Error::new(other).context(format!("{tag} VMM")),
+        })
+    };
+    let mut src_vmm = start_vmm("demo-src", &src_args)?;
+    let mut dst_vmm = start_vmm("demo-dst", &dst_args)?;
     let src = SidecarProcess::start("demo-src", &src_vmm.socket).context("source sidecar")?;
     let dst = SidecarProcess::start("demo-dst", &dst_vmm.socket).context("target sidecar")?;
     step(&format!(
         "sidecars up: source API {}, target API {} (migration port {})",
         src.api, dst.api, dst.migration_port
     ));
+    if let Some(why) = postcopy_unavailable(args, &dst_vmm)? {
+        return Err(Unavailable(why).into());
+    }
     step(&format!("letting the guest run for {:?}", args.warmup));
     std::thread::sleep(args.warmup);
 
@@ -302,6 +328,39 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let verdict = verify(&dst_vmm, args.verify_for)?;
     let _ = dst_vmm.shutdown();
     Ok(report_from(args, &final_src, &final_dst, verdict))
+}
+
+/// This kernel cannot do what was asked (reported as such, not as a failure).
+#[derive(Debug, thiserror::Error)]
+#[error("unavailable on this kernel: {0}")]
+pub struct Unavailable(pub String);
+
+/// Post-copy needs a trap on the target for this memory; says why there is none, if so.
+fn postcopy_unavailable(args: &DemoArgs, target: &VmmProcess) -> anyhow::Result<Option<String>> {
+    if args.mode == ModeArg::Precopy {
+        return Ok(None);
+    }
+    let (hello, _fds) = target
+        .client()
+        .context("target VMM")?
+        .hello("faultline-demo")
+        .context("target VMM hello")?;
+    let caps: Vec<_> = ["userfaultfd", "kvm-userfault"]
+        .iter()
+        .filter_map(|n| hello.capability(n))
+        .collect();
+    if caps.iter().any(|c| c.available) {
+        return Ok(None);
+    }
+    let reasons: Vec<String> = caps
+        .iter()
+        .map(|c| format!("{}: {}", c.name, c.reason.clone().unwrap_or_default()))
+        .collect();
+    Ok(Some(format!(
+        "post-copy of {} memory needs a trap mechanism and the target offers none ({})",
+        args.backing,
+        reasons.join("; ")
+    )))
 }
 
 fn phase_name(p: Phase) -> String {

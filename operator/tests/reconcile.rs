@@ -781,9 +781,12 @@ async fn deleting_after_the_point_of_no_return_waits_for_completion() {
         "move",
         Duration::from_secs(60),
         Duration::from_millis(50),
+        // Committed is reported from the fence on; post-copy from the target's resume a few
+        // milliseconds later: wait for both.
         |m| {
             m.and_then(|m| m.status.as_ref())
                 .is_some_and(|s| s.committed)
+                && phase(m) == Some(Phase::PostCopy)
         },
     )
     .await;

@@ -794,10 +794,7 @@ impl<'a> Reconciler<'a> {
     /// mechanism, and start both sidecars (target first).
     async fn connect(&self, mig: VirtualMachineMigration) -> Result<Next, Error> {
         let s = mig.status.clone().unwrap_or_default();
-        let (Some(src), Some(tgt)) = (
-            self.sidecar(&s.source_sidecar),
-            self.sidecar(&s.target_sidecar),
-        ) else {
+        let Some((src, tgt)) = self.sidecar_pair(&s) else {
             return self
                 .abort(
                     mig,
@@ -932,10 +929,7 @@ impl<'a> Reconciler<'a> {
     /// The sidecars run the migration: mirror their progress, finish on their outcome.
     async fn drive(&self, mig: VirtualMachineMigration) -> Result<Next, Error> {
         let s = mig.status.clone().unwrap_or_default();
-        let (Some(src), Some(tgt)) = (
-            self.sidecar(&s.source_sidecar),
-            self.sidecar(&s.target_sidecar),
-        ) else {
+        let Some((src, tgt)) = self.sidecar_pair(&s) else {
             return self
                 .abort(
                     mig,
@@ -1592,6 +1586,17 @@ impl<'a> Reconciler<'a> {
     fn owner_ref(&self, mig: &VirtualMachineMigration) -> Result<OwnerReference, Error> {
         mig.controller_owner_ref(&())
             .ok_or(Error::MissingMetadata("uid"))
+    }
+
+    /// Clients for the source and target sidecars named in `s`, if both addresses are there.
+    fn sidecar_pair(
+        &self,
+        s: &VirtualMachineMigrationStatus,
+    ) -> Option<(SidecarClient, SidecarClient)> {
+        Some((
+            self.sidecar(&s.source_sidecar)?,
+            self.sidecar(&s.target_sidecar)?,
+        ))
     }
 
     fn sidecar(&self, addr: &Option<String>) -> Option<SidecarClient> {

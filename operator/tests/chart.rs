@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use clap::Parser;
-use faultline_operator::cli::Cli;
+use faultline_operator::cli::{Cli, RunArgs};
 use faultline_operator::crd::VirtualMachineMigration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::PodSpec;
@@ -165,6 +165,16 @@ fn operator_args(docs: &[Value]) -> Vec<String> {
     c.args.clone().expect("args")
 }
 
+/// The operator Deployment's arguments, parsed by the operator's own CLI.
+fn operator_run(docs: &[Value]) -> RunArgs {
+    let mut argv = vec!["faultline-operator".to_string()];
+    argv.extend(operator_args(docs));
+    Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+        .run_args()
+        .expect("the chart runs `run`")
+}
+
 #[test]
 fn chart_lints() {
     let out = run_helm(&["lint", "--strict", chart().to_str().expect("path")]);
@@ -236,12 +246,7 @@ fn default_install_is_cluster_wide_with_least_privilege_and_leader_election() {
     assert_eq!(sc.allow_privilege_escalation, Some(false));
 
     // The arguments are the operator's own flags, with the chart's values.
-    let mut argv = vec!["faultline-operator".to_string()];
-    argv.extend(operator_args(&docs));
-    let run = Cli::try_parse_from(&argv)
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-        .run_args()
-        .expect("the chart runs `run`");
+    let run = operator_run(&docs);
     let cfg = run.config();
     assert_eq!((cfg.max_parallel, cfg.max_parallel_per_node), (5, 2));
     assert_eq!(cfg.scheduling_timeout.as_secs(), 300);
@@ -269,12 +274,7 @@ fn values_reach_the_operator() {
     assert_eq!(rules(role), operator_rules());
     assert!(find(&docs, "Role", "rel-faultline-leader-election").is_none());
 
-    let mut argv = vec!["faultline-operator".to_string()];
-    argv.extend(operator_args(&docs));
-    let run = Cli::try_parse_from(&argv)
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
-        .run_args()
-        .expect("the chart runs `run`");
+    let run = operator_run(&docs);
     let cfg = run.config();
     assert_eq!((cfg.max_parallel, cfg.max_parallel_per_node), (9, 3));
     assert_eq!(cfg.scheduling_timeout.as_secs(), 90);

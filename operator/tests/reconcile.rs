@@ -11,21 +11,6 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use support::*;
 
-/// A small memtouch VM on memfd memory.
-const VM: &[&str] = &["--memory", "64M", "--vcpus", "1", "--backing", "memfd"];
-
-/// The same VM writing hard, so pre-copy passes keep finding dirty pages.
-const BUSY_VM: &[&str] = &[
-    "--memory",
-    "64M",
-    "--vcpus",
-    "1",
-    "--backing",
-    "memfd",
-    "--dirty-rate",
-    "heavy",
-];
-
 /// Pre-copy that runs for a long time whatever the sidecar's pacing: a post-copy migration
 /// switches only after all its passes, a thousand passes over a busy VM's dirty pages, each
 /// held to 64 MB/s. (A limit this high keeps the source's pauses between its cancellation
@@ -46,6 +31,17 @@ fn status(c: &Cluster, name: &str) -> faultline_operator::crd::VirtualMachineMig
     c.migration(name)
         .and_then(|m| m.status)
         .unwrap_or_else(|| panic!("migration {name} has no status"))
+}
+
+/// Asserts the status message says `needle` (the user-facing reason), showing the status if not.
+fn assert_message_contains(
+    st: &faultline_operator::crd::VirtualMachineMigrationStatus,
+    needle: &str,
+) {
+    assert!(
+        st.message.as_deref().is_some_and(|m| m.contains(needle)),
+        "message should contain {needle:?}: {st:?}"
+    );
 }
 
 fn transitions(c: &Cluster, name: &str) -> Vec<Phase> {
@@ -138,12 +134,7 @@ async fn invalid_spec_fails_before_anything_is_created_and_deletion_releases_it(
     );
     let st = m.status.expect("status");
     assert_eq!(st.phase, Some(Phase::Failed));
-    assert!(
-        st.message
-            .as_deref()
-            .is_some_and(|m| m.contains("convergenceRatio must be in (0, 1]")),
-        "{st:?}"
-    );
+    assert_message_contains(&st, "convergenceRatio must be in (0, 1]");
     assert_eq!(c.event_reasons("bad"), ["Failed"]);
     assert!(c.pods().is_empty());
 
@@ -508,12 +499,7 @@ async fn an_unschedulable_target_fails_the_migration_after_the_bound() {
     );
     let st = status(&c, "move");
     assert_eq!(st.phase, Some(Phase::Failed));
-    assert!(
-        st.message
-            .as_deref()
-            .is_some_and(|m| m.contains("could not be scheduled within 5m")),
-        "{st:?}"
-    );
+    assert_message_contains(&st, "could not be scheduled within 5m");
     assert!(c.get("pods", &target).is_none());
     assert!(c.get("secrets", &secret).is_none());
     assert_eq!(vm_state(&c, "vm-1").await.as_deref(), Some("running"));
@@ -538,12 +524,7 @@ async fn a_target_that_never_becomes_ready_fails_after_the_bound() {
     c.reconcile(&op, "move").await;
     let st = status(&c, "move");
     assert_eq!(st.phase, Some(Phase::Failed));
-    assert!(
-        st.message
-            .as_deref()
-            .is_some_and(|m| m.contains("did not become ready within 10m")),
-        "{st:?}"
-    );
+    assert_message_contains(&st, "did not become ready within 10m");
     assert!(c.get("pods", &target).is_none());
     assert_eq!(vm_state(&c, "vm-1").await.as_deref(), Some("running"));
 }
@@ -797,12 +778,7 @@ async fn deleting_after_the_point_of_no_return_waits_for_completion() {
     assert!(!log.iter().any(|l| l.starts_with("DELETE")), "{log:#?}");
     let st = status(&c, "move");
     assert!(st.deletion_deferred);
-    assert!(
-        st.message
-            .as_deref()
-            .is_some_and(|m| m.contains("point of no return")),
-        "{st:?}"
-    );
+    assert_message_contains(&st, "point of no return");
     assert!(
         c.event_reasons("move")
             .contains(&"DeletionDeferred".to_string())

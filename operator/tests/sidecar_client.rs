@@ -8,16 +8,30 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultline::sidecar_api::{Phase, Policy, Role, StartMigration};
+use faultline::sidecar_api::{MigrationStatus, Phase, Policy, Role, StartMigration};
 use faultline::wire::Secret;
 use faultline_operator::sidecar::SidecarClient;
 use support::*;
 
-const VM: &[&str] = &["--memory", "64M", "--vcpus", "1", "--backing", "memfd"];
-
 fn client(c: &Cluster, pod: &str) -> SidecarClient {
     let (_, api) = c.pod_processes(pod).expect("pod processes");
     SidecarClient::new(api, Duration::from_secs(10))
+}
+
+/// Polls `c` until migration `id` is in a terminal phase; fails the test after `within`.
+async fn wait_terminal(c: &SidecarClient, id: &str, within: Duration) -> MigrationStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = c.migration(id).await.expect("migration status");
+        if s.phase.is_terminal() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not terminal within {within:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn start(
@@ -175,15 +189,7 @@ async fn the_client_drives_a_real_migration_and_reads_every_answer() {
         .expect("start source");
     assert!(s.created);
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let t = dst.migration(id).await.expect("target status");
-        if t.phase.is_terminal() {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "{t:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = wait_terminal(&dst, id, Duration::from_secs(60)).await;
     assert_eq!(done.phase, Phase::Completed, "{done:?}");
     assert!(done.committed, "{done:#?}");
     // The source measured the downtime (pause to target running).
@@ -205,21 +211,7 @@ async fn cancel_before_the_point_of_no_return_is_accepted() {
         return;
     }
     let c = Cluster::new();
-    c.add_vm_pod(
-        "src",
-        "node-a",
-        &[
-            "--memory",
-            "64M",
-            "--vcpus",
-            "1",
-            "--backing",
-            "memfd",
-            "--dirty-rate",
-            "heavy",
-        ],
-    )
-    .await;
+    c.add_vm_pod("src", "node-a", BUSY_VM).await;
     c.add_vm_pod_with(
         "dst",
         "node-b",
@@ -259,15 +251,7 @@ async fn cancel_before_the_point_of_no_return_is_accepted() {
     }
     let st = src.cancel(id).await.expect("cancel accepted");
     assert!(!st.committed);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let end = loop {
-        let s = src.migration(id).await.expect("status");
-        if s.phase.is_terminal() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let end = wait_terminal(&src, id, Duration::from_secs(30)).await;
     assert_eq!(end.phase, Phase::Cancelled, "{end:?}");
     assert!(!end.committed);
 }

@@ -42,6 +42,21 @@ use serde_json::{Value, json};
 
 pub const NS: &str = "vms";
 
+/// A small memtouch VM on memfd memory: the `faultline-vmm` arguments of a test pod.
+pub const VM: &[&str] = &["--memory", "64M", "--vcpus", "1", "--backing", "memfd"];
+
+/// The same VM writing hard, so pre-copy passes keep finding dirty pages.
+pub const BUSY_VM: &[&str] = &[
+    "--memory",
+    "64M",
+    "--vcpus",
+    "1",
+    "--backing",
+    "memfd",
+    "--dirty-rate",
+    "heavy",
+];
+
 /// Nodes of the fake cluster: name and labels.
 pub fn nodes() -> Vec<(&'static str, Value)> {
     vec![

@@ -296,19 +296,8 @@ impl<'a> Reconciler<'a> {
         let status = mig.status.clone().unwrap_or_default();
         let phase = status.phase.unwrap_or(Phase::Pending);
         let mut action = Action::await_change();
-        if phase == Phase::Scheduling {
-            match self
-                .abort(
-                    mig,
-                    Phase::Cancelled,
-                    "cancelled: the migration was deleted".into(),
-                )
-                .await?
-            {
-                Next::Continue(m) => mig = *m,
-                Next::Wait(a) => return Ok(a),
-            }
-        } else if phase.is_active() {
+        if phase.is_active() {
+            // Before the point of no return (always so while Scheduling) deletion cancels.
             if !status.deletion_deferred && !status.committed {
                 match self
                     .abort(

@@ -70,6 +70,13 @@ fn verdict(
     }
 }
 
+/// Whether a little memory of `backing` can be created and mapped here (for guest_memfd:
+/// mmap-able and initially shared, as the VMM needs it). `Err` names what was tried and what
+/// the kernel answered.
+pub fn backing_usable(backing: BackingKind) -> Result<(), String> {
+    probe_memory(backing, None).map(drop)
+}
+
 /// The symbolic name of an errno value, e.g. `EINVAL`.
 pub fn errno_name(errno: i32) -> String {
     let name = match errno {
@@ -288,6 +295,24 @@ mod tests {
         assert_eq!(back, probes);
         assert!(json.contains(r#""backend":"kvm-userfault""#), "{json}");
         assert!(json.contains(r#""backing":"guest-memfd""#), "{json}");
+    }
+
+    /// Anonymous and memfd memory are always there; guest_memfd exactly when the VMM's
+    /// guest_memfd RAM is (KVM, mmap-able guest_memfd), and a refusal names the ioctl.
+    #[test]
+    fn backing_usable_says_what_can_back_a_vm() {
+        assert_eq!(backing_usable(BackingKind::Anon), Ok(()));
+        assert_eq!(backing_usable(BackingKind::Memfd), Ok(()));
+        match backing_usable(BackingKind::GuestMemfd) {
+            Ok(()) => {}
+            Err(reason) => assert!(
+                reason.starts_with("open /dev/kvm")
+                    || reason.starts_with("KVM_CREATE_VM")
+                    || reason.starts_with("KVM_CREATE_GUEST_MEMFD")
+                    || reason.starts_with("mmap(guest_memfd)"),
+                "{reason}"
+            ),
+        }
     }
 
     /// On a kernel without KVM Userfault (the development host: a paravirtual KVM on 6.18),

@@ -11,43 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use faultline::guest_memory::GuestMemory;
-use faultline::kvm_userfault::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use faultline::layout::{BackingKind, PAGE_SIZE};
-use faultline::probe::errno_name;
+use faultline::probe::backing_usable;
 use faultline::vmm_protocol::VmmClient;
 use faultline::vmm_protocol::messages::{VmState, VmStatus};
-use kvm_bindings::kvm_create_guest_memfd;
-use kvm_ioctls::Kvm;
 
 use super::Outcome;
 
 const MEMORY: &str = "64M";
 const VCPUS: &str = "2";
-
-/// Whether this kernel can give the VMM guest_memfd RAM (mmap-able, initially shared): tried by
-/// creating one.
-fn guest_memfd_usable() -> std::result::Result<(), String> {
-    let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| format!("KVM_CREATE_VM = {}", errno_name(e.errno())))?;
-    let fd = vm
-        .create_guest_memfd(kvm_create_guest_memfd {
-            size: 2 << 20,
-            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            ..Default::default()
-        })
-        .map_err(|e| {
-            format!(
-                "KVM_CREATE_GUEST_MEMFD(GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED) = {}",
-                errno_name(e.errno())
-            )
-        })?;
-    // SAFETY: KVM just created the descriptor and nothing else owns it; closing it once is
-    // all that is done with it.
-    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-    Ok(())
-}
 
 struct Output {
     code: Option<i32>,
@@ -99,9 +71,7 @@ fn final_status(out: &Output) -> Result<VmStatus> {
 
 /// memtouch on `backing` for two seconds: every vCPU must beat and verify without failure.
 pub fn memtouch(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
-    if backing == BackingKind::GuestMemfd
-        && let Err(reason) = guest_memfd_usable()
-    {
+    if let Err(reason) = backing_usable(backing) {
         return Ok(Outcome::Unavailable(reason));
     }
     let child = Command::new(vmm)
@@ -237,9 +207,7 @@ fn wait_status(
 /// Hand-over between two VMMs: A runs, pauses and saves; B (incoming) gets A's memory and
 /// state, A is fenced, B resumes and keeps beating without verification failures.
 pub fn handover(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
-    if backing == BackingKind::GuestMemfd
-        && let Err(reason) = guest_memfd_usable()
-    {
+    if let Err(reason) = backing_usable(backing) {
         return Ok(Outcome::Unavailable(reason));
     }
     let dir = std::env::temp_dir().join(format!(

@@ -89,6 +89,14 @@ fn wait_terminal(side: &Side, id: &str, timeout: Duration) -> MigrationStatus {
     }
 }
 
+/// The VMM's status now.
+fn vmm_status(vmm: &VmmProcess) -> VmStatus {
+    vmm.client()
+        .expect("VMM client")
+        .status()
+        .expect("VMM status")
+}
+
 fn wait_status(vmm: &VmmProcess, timeout: Duration, pred: impl Fn(&VmStatus) -> bool) -> VmStatus {
     let mut c = vmm.client().expect("VMM client");
     let deadline = Instant::now() + timeout;
@@ -154,13 +162,7 @@ fn finish_and_verify(p: &mut Pair, id: &str) -> (MigrationStatus, MigrationStatu
     assert_eq!(final_src.state, VmState::Fenced);
     assert_eq!(final_src.failures, 0);
 
-    let at_end = p
-        .dst
-        .vmm
-        .client()
-        .expect("client")
-        .status()
-        .expect("status");
+    let at_end = vmm_status(&p.dst.vmm);
     assert_eq!(at_end.state, VmState::Running);
     let after = wait_status(&p.dst.vmm, Duration::from_secs(90), |s| {
         s.vcpu_status
@@ -309,13 +311,7 @@ fn in_endless_precopy(tag: &str) -> Pair {
 
 /// The source VM is running, has not been fenced, and its guest is healthy.
 fn assert_source_keeps_running(p: &Pair) {
-    let a = p
-        .src
-        .vmm
-        .client()
-        .expect("client")
-        .status()
-        .expect("status");
+    let a = vmm_status(&p.src.vmm);
     assert_eq!(a.state, VmState::Running, "{a:?}");
     let b = wait_status(&p.src.vmm, Duration::from_secs(20), |s| {
         s.heartbeats.iter().zip(&a.heartbeats).all(|(x, y)| x > y)
@@ -380,13 +376,7 @@ fn cancel_during_precopy_leaves_the_source_running() {
         .expect_err("second cancel");
     assert_eq!(again.status(), Some(409));
     // The target VM never ran (it may have been prepared, if the cancel came at switch-over).
-    let dst = p
-        .dst
-        .vmm
-        .client()
-        .expect("client")
-        .status()
-        .expect("status");
+    let dst = vmm_status(&p.dst.vmm);
     assert_ne!(dst.state, VmState::Running);
     assert_eq!(dst.run_ms, 0, "the target VM ran: {dst:?}");
     let (last, _) = p.src.vmm.shutdown().expect("shutdown");

@@ -159,34 +159,25 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     }
     let memory = format_size(args.memory);
     let vcpus = args.vcpus.to_string();
-    let mut src_args: Vec<String> = [
+    // Both VMMs get the same VM shape; the source runs memtouch, the target waits for it.
+    let vm_args: Vec<String> = [
         "--memory",
         &memory,
         "--vcpus",
         &vcpus,
         "--backing",
         &args.backing,
-        "--dirty-rate",
-        args.dirty_rate.as_str(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut src_args = vm_args.clone();
+    src_args.extend(["--dirty-rate".into(), args.dirty_rate.as_str().into()]);
     if args.prefill {
         src_args.push("--prefill".into());
     }
-    let dst_args: Vec<String> = [
-        "--memory",
-        &memory,
-        "--vcpus",
-        &vcpus,
-        "--backing",
-        &args.backing,
-        "--incoming",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut dst_args = vm_args;
+    dst_args.push("--incoming".into());
 
     let step = |msg: &str| {
         if show_progress {

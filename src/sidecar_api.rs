@@ -1,6 +1,10 @@
 //! The sidecar's HTTP control API, as data: the request and status types that the sidecar
 //! serves and the operator sends (docs/sidecar-api.md). Types only — no HTTP code lives in the
 //! core library.
+//!
+//! Requests (`StartMigration`, `Policy`) refuse unknown fields: a typo must not pass as a
+//! default. Answers accept them, so a newer sidecar (one more field) does not break an older
+//! operator while a rolling upgrade is under way.
 
 use serde::{Deserialize, Serialize};
 
@@ -162,7 +166,6 @@ impl Phase {
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
 pub struct LatencySummary {
     pub p50: u64,
     pub p99: u64,
@@ -170,7 +173,7 @@ pub struct LatencySummary {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Progress {
     pub total_pages: u64,
     /// Pages sent (source) or received (target), zero-page markers included.
@@ -195,7 +198,7 @@ pub struct Progress {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
     pub id: String,
     pub role: Role,
@@ -220,7 +223,7 @@ pub struct MigrationStatus {
 
 /// The VM a sidecar is attached to.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct VmInfo {
     pub vm_id: String,
     pub vcpus: u32,
@@ -228,11 +231,41 @@ pub struct VmInfo {
     pub backing: BackingKind,
     pub incoming: bool,
     pub state: crate::vmm_protocol::messages::VmState,
+    /// What the guest reported, from the VMM's `status`: absent while the VMM does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestHealth>,
+}
+
+/// The guest's own account of itself, as its VMM reports it (VMM protocol `status`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestHealth {
+    /// Heartbeats of all vCPUs together, those before a migration included: rising while the
+    /// guest runs.
+    pub heartbeats: u64,
+    /// Verification failures the guest reported in this VMM process (0 for a sound VM).
+    pub failures: u64,
+    /// Milliseconds the vCPUs have been allowed to run in this VMM process.
+    pub run_ms: u64,
+    /// The last value each vCPU wrote to its status port (memtouch: full verification sweeps
+    /// completed, kept in guest memory, so they carry across a migration).
+    pub status_words: Vec<u32>,
+}
+
+impl From<&crate::vmm_protocol::messages::VmStatus> for GuestHealth {
+    fn from(s: &crate::vmm_protocol::messages::VmStatus) -> Self {
+        Self {
+            heartbeats: s.heartbeats.iter().sum(),
+            failures: s.failures,
+            run_ms: s.run_ms,
+            status_words: s.vcpu_status.iter().map(|v| v.status_word).collect(),
+        }
+    }
 }
 
 /// `GET /v1/node`: what this sidecar and its node can do.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
     pub sidecar_version: String,
     /// The TCP port the sidecar accepts migration connections on.
@@ -244,7 +277,7 @@ pub struct NodeInfo {
 
 /// The body of every 4xx/5xx answer.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+
 pub struct ApiError {
     pub error: String,
 }

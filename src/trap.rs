@@ -27,7 +27,6 @@ impl std::fmt::Display for TrapBackend {
 
 /// Whether `backend` works for memory of kind `backing` on this kernel, found by trying it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct BackendProbe {
     pub backing: BackingKind,
     pub backend: TrapBackend,

@@ -5,6 +5,8 @@
 //! trap-backend probe and test results from inside each one. Inside the guest, `guest` runs the
 //! plan it finds in the initramfs. `e2e/kernel-matrix` is the documented entry point.
 
+mod build;
+mod cluster;
 mod guest;
 mod host;
 mod report;
@@ -68,6 +70,52 @@ enum Cmd {
         #[arg(long)]
         vmm: Option<PathBuf>,
     },
+    /// Build an OCI image archive holding one program and the shared libraries it needs, in a
+    /// minimal root file system; `ctr images import`, `docker load` and `podman load` read it.
+    Image {
+        /// Full reference: `registry/repository:tag`.
+        #[arg(long)]
+        reference: String,
+        /// The program, installed as /usr/bin/NAME and run as the entrypoint.
+        #[arg(long)]
+        binary: PathBuf,
+        /// An argument the entrypoint always gets, before the pod's own (repeatable).
+        #[arg(long = "arg")]
+        args: Vec<String>,
+        /// `uid[:gid]` to run as unless the pod says otherwise.
+        #[arg(long)]
+        user: Option<String>,
+        /// An image label `KEY=VALUE` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Timestamps, in seconds since the epoch (reproducible builds pass the commit time).
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+        epoch: u64,
+        /// Where to write the archive.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the end-to-end scenarios against a running cluster (`e2e/cluster test` calls this).
+    ClusterTest {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[arg(long, default_value = "kubectl")]
+        kubectl: PathBuf,
+        #[arg(long, default_value = "helm")]
+        helm: PathBuf,
+        /// The repository (charts/ and examples/ come from it).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// Only this scenario (repeatable); helm-install always runs first.
+        #[arg(long = "scenario")]
+        scenarios: Vec<String>,
+        /// List the scenarios and exit.
+        #[arg(long)]
+        list: bool,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the kernels and the guest tests.
     List {
         #[arg(long, default_value = ".")]
@@ -96,6 +144,13 @@ fn parse_exec(s: &str) -> Result<ExecTest, String> {
         name: name.into(),
         argv,
     })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 fn cache_dir() -> Result<PathBuf> {
@@ -139,6 +194,67 @@ fn run(cli: Cli) -> Result<i32> {
                 None => guest::run(&plan, &mut std::io::stdout().lock())?,
             };
             Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::Image {
+            reference,
+            binary,
+            args,
+            user,
+            labels,
+            epoch,
+            out,
+        } => {
+            let mut fs = build::image::base_rootfs();
+            let strip_dir = out.with_extension("strip.d");
+            let program = fs.binary("usr/bin", &binary, &strip_dir)?;
+            std::fs::remove_dir_all(&strip_dir)
+                .with_context(|| format!("removing {}", strip_dir.display()))?;
+            let mut entrypoint = vec![format!("/{program}")];
+            entrypoint.extend(args);
+            let cfg = build::image::ImageConfig {
+                reference,
+                entrypoint,
+                user,
+                env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
+                labels: labels.into_iter().collect(),
+                epoch,
+            };
+            let written = build::image::write(&fs, &cfg, &out)?;
+            serde_json::to_writer(std::io::stdout().lock(), &written).context("writing JSON")?;
+            println!();
+            Ok(0)
+        }
+        Cmd::ClusterTest {
+            kubeconfig,
+            kubectl,
+            helm,
+            repo,
+            scenarios,
+            list,
+            json,
+        } => {
+            let mut out = std::io::stdout().lock();
+            if list {
+                cluster::list(&mut out)?;
+                return Ok(0);
+            }
+            let repo = repo
+                .canonicalize()
+                .with_context(|| format!("resolving {}", repo.display()))?;
+            let report = cluster::run(&cluster::Options {
+                kubeconfig,
+                kubectl,
+                helm,
+                repo,
+                only: scenarios,
+            })?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report).context("writing JSON")?;
+                writeln!(out)?;
+            } else {
+                cluster::print(&report, &mut out)?;
+            }
+            Ok(if cluster::any_failed(&report) { 1 } else { 0 })
         }
         Cmd::List { repo } => {
             let list = host::kernels::KernelList::load(&repo.join("e2e/kernels.json"))?;

@@ -355,3 +355,51 @@ fn notes_show_a_valid_migratable_pod_snippet() {
         "NOTES explain the incoming convention"
     );
 }
+
+/// The examples a user applies run the images the chart and `scripts/build-images` name, in a
+/// namespace whose Pod Security level admits them, and never restart a VMM.
+#[test]
+fn examples_use_the_chart_images_and_never_restart_a_vmm() {
+    let chart_yaml = std::fs::read_to_string(chart().join("Chart.yaml")).unwrap();
+    let chart: Value = serde_saphyr::from_str(&chart_yaml).unwrap();
+    let app_version = chart["appVersion"].as_str().expect("appVersion");
+    assert_eq!(
+        app_version,
+        env!("CARGO_PKG_VERSION"),
+        "the chart's appVersion tags the images built from this workspace"
+    );
+    let read = |f: &str| -> Value {
+        let text = std::fs::read_to_string(repo().join("examples").join(f)).unwrap();
+        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"))
+    };
+    let ns = read("namespace.yaml");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(read("vm-pod.yaml")).unwrap();
+    assert_eq!(pod.metadata.namespace.as_deref(), Some("vms"));
+    let spec = pod.spec.expect("spec");
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let image = |n: &str| {
+        spec.containers
+            .iter()
+            .find(|c| c.name == n)
+            .and_then(|c| c.image.clone())
+            .unwrap_or_else(|| panic!("container {n}"))
+    };
+    assert_eq!(
+        image("vmm"),
+        format!("ghcr.io/faultline-dev/faultline-vmm:{app_version}")
+    );
+    assert_eq!(
+        image("faultline-sidecar"),
+        format!("ghcr.io/faultline-dev/faultline-sidecar:{app_version}")
+    );
+    for mode in ["postcopy", "hybrid", "precopy"] {
+        let m: VirtualMachineMigration =
+            serde_json::from_value(read(&format!("migration-{mode}.yaml"))).unwrap();
+        assert_eq!(m.spec.source.pod, pod.metadata.name.clone().unwrap());
+        assert_eq!(m.metadata.namespace.as_deref(), Some("vms"));
+    }
+}

@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
 
@@ -97,9 +98,17 @@ fn main() -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"api": api_addr.to_string(), "migrationPort": migration_port})
         );
+        // SIGTERM is how the kubelet stops a container; as PID 1 the sidecar would otherwise
+        // ignore it and hold the pod's deletion for its whole grace period.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install the SIGTERM handler")?;
         axum::serve(http, api::router(sidecar))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("stopping on a signal");
             })
             .await
             .context("HTTP server failed")

@@ -29,6 +29,8 @@ pub struct PhaseLabels {
 pub struct Metrics {
     registry: Registry,
     pub vmm_connected: Gauge,
+    pub guest_failures: Gauge,
+    pub guest_heartbeats: Gauge,
     pub migrations: Family<ResultLabels, Counter>,
     pub phase: Family<PhaseLabels, Gauge>,
     pub pages: Family<RoleLabel, Counter>,
@@ -44,6 +46,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("faultline_sidecar");
         let vmm_connected = Gauge::default();
+        let guest_failures = Gauge::default();
+        let guest_heartbeats = Gauge::default();
         let migrations = Family::<ResultLabels, Counter>::default();
         let phase = Family::<PhaseLabels, Gauge>::default();
         let pages = Family::<RoleLabel, Counter>::default();
@@ -58,6 +62,16 @@ impl Metrics {
             "vmm_connected",
             "1 while joined to the VMM",
             vmm_connected.clone(),
+        );
+        registry.register(
+            "vm_guest_failures",
+            "Verification failures the guest reported to its VMM (VMM protocol status)",
+            guest_failures.clone(),
+        );
+        registry.register(
+            "vm_guest_heartbeats",
+            "Heartbeats of all the guest's vCPUs, as its VMM reports them",
+            guest_heartbeats.clone(),
         );
         registry.register(
             "migrations",
@@ -99,6 +113,8 @@ impl Metrics {
         Self {
             registry,
             vmm_connected,
+            guest_failures,
+            guest_heartbeats,
             migrations,
             phase,
             pages,

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use faultline::sidecar_api::{
-    LatencySummary, MigrationStatus, Phase, Policy, Progress, Role, StartMigration, VmInfo,
+    GuestHealth, LatencySummary, MigrationStatus, Phase, Policy, Progress, Role, StartMigration,
+    VmInfo,
 };
 use faultline::trap::TrapBackend;
 use faultline::vmm_protocol::VmmClient;
@@ -30,6 +31,7 @@ pub struct Sidecar {
     pub migration_port: u16,
     pub metrics: Metrics,
     vm: Mutex<Option<HelloReply>>,
+    guest: Mutex<Option<GuestHealth>>,
     vmm_error: Mutex<Option<String>>,
     migrations: Mutex<Migrations>,
 }
@@ -47,6 +49,7 @@ impl Sidecar {
             migration_port,
             metrics: Metrics::new(),
             vm: Mutex::new(None),
+            guest: Mutex::new(None),
             vmm_error: Mutex::new(Some("not connected to the VMM yet".into())),
             migrations: Mutex::new(Migrations::default()),
         }
@@ -67,17 +70,34 @@ impl Sidecar {
             backing: h.layout.regions[0].backing,
             incoming: h.incoming,
             state: h.state,
+            guest: lock(&self.guest).clone(),
         })
     }
 
     /// Asks the VMM now (rather than trusting the last periodic look) and updates the cache.
     pub fn refresh_vm(&self) -> Result<HelloReply, String> {
-        let hello = VmmClient::connect(&self.vmm_socket)
-            .and_then(|mut c| c.hello(concat!("faultline-sidecar/", env!("CARGO_PKG_VERSION"))))
-            .map(|(h, _fds)| h)
-            .map_err(|e| e.to_string());
-        self.set_vm(hello.clone());
-        hello
+        let mut client = VmmClient::connect(&self.vmm_socket).map_err(|e| e.to_string());
+        let hello = client
+            .as_mut()
+            .map_err(|e| e.clone())
+            .and_then(|c| look(c).map_err(|e| e.to_string()));
+        self.set_vm(hello.clone().map(|(h, _)| h));
+        if let Ok((_, guest)) = &hello {
+            self.set_guest(guest.clone());
+        }
+        hello.map(|(h, _)| h)
+    }
+
+    fn set_guest(&self, guest: Option<GuestHealth>) {
+        if let Some(g) = &guest {
+            self.metrics
+                .guest_failures
+                .set(i64::try_from(g.failures).unwrap_or(i64::MAX));
+            self.metrics
+                .guest_heartbeats
+                .set(i64::try_from(g.heartbeats).unwrap_or(i64::MAX));
+        }
+        *lock(&self.guest) = guest;
     }
 
     fn set_vm(&self, hello: Result<HelloReply, String>) {
@@ -89,6 +109,7 @@ impl Sidecar {
             }
             Err(e) => {
                 *lock(&self.vm) = None;
+                *lock(&self.guest) = None;
                 *lock(&self.vmm_error) = Some(e);
             }
         }
@@ -124,6 +145,17 @@ impl Sidecar {
     }
 }
 
+/// One look at the VMM: its hello, and the guest's health when the VMM answers `status` (a
+/// VMM restoring a state may not yet). The descriptors hello sends are dropped: migrations
+/// open their own.
+fn look(
+    c: &mut VmmClient,
+) -> Result<(HelloReply, Option<GuestHealth>), faultline::vmm_protocol::ClientError> {
+    let (hello, _fds) = c.hello(concat!("faultline-sidecar/", env!("CARGO_PKG_VERSION")))?;
+    let guest = c.status().ok().map(|s| GuestHealth::from(&s));
+    Ok((hello, guest))
+}
+
 /// Keeps the sidecar joined to its VMM: reconnects while it is away and refreshes what hello
 /// says every second, so readiness and `GET /v1/node` stay true.
 pub fn spawn_vmm_watch(sidecar: Arc<Sidecar>) -> std::io::Result<()> {
@@ -139,9 +171,11 @@ pub fn spawn_vmm_watch(sidecar: Arc<Sidecar>) -> std::io::Result<()> {
                     }
                 }
                 if let Some(c) = client.as_mut() {
-                    match c.hello(concat!("faultline-sidecar/", env!("CARGO_PKG_VERSION"))) {
-                        // The descriptors are dropped here: migrations open their own.
-                        Ok((hello, _fds)) => sidecar.set_vm(Ok(hello)),
+                    match look(c) {
+                        Ok((hello, guest)) => {
+                            sidecar.set_vm(Ok(hello));
+                            sidecar.set_guest(guest);
+                        }
                         Err(e) => {
                             sidecar.set_vm(Err(format!("lost the VMM: {e}")));
                             client = None;

@@ -2,11 +2,11 @@
 //! modules, our binaries with the shared libraries `ldd` says they need, and the plan. Written
 //! as a `newc` cpio archive directly (no cpio tool, and byte-for-byte reproducible).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result};
+
+use crate::build::rootfs::{Node, RootFs};
 
 /// The init script: mount the basics, load the modules, run the plan, report, power off.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -27,47 +27,22 @@ sync
 reboot -f
 "#;
 
-#[derive(Default)]
 pub struct Initramfs {
-    /// path in the archive → (mode, contents); directories have no contents.
-    entries: BTreeMap<String, (u32, Option<Vec<u8>>)>,
+    fs: RootFs,
 }
 
 impl Initramfs {
     pub fn new() -> Self {
-        let mut me = Self::default();
-        for d in [
-            "bin",
-            "dev",
-            "proc",
-            "sys",
-            "tmp",
-            "faultline",
-            "faultline/modules",
-        ] {
-            me.dir(d);
+        let mut fs = RootFs::new();
+        for d in ["bin", "dev", "proc", "sys", "tmp", "faultline/modules"] {
+            fs.dir(d, 0o755);
         }
-        me.file("init", 0o755, INIT.as_bytes().to_vec());
-        me
-    }
-
-    fn dir(&mut self, path: &str) {
-        let mut p = String::new();
-        for part in path.split('/').filter(|s| !s.is_empty()) {
-            if !p.is_empty() {
-                p.push('/');
-            }
-            p.push_str(part);
-            self.entries.entry(p.clone()).or_insert((0o40755, None));
-        }
+        fs.file("init", 0o755, INIT.as_bytes().to_vec());
+        Self { fs }
     }
 
     pub fn file(&mut self, path: &str, mode: u32, data: Vec<u8>) {
-        let path = path.trim_start_matches('/').to_string();
-        if let Some((parent, _)) = path.rsplit_once('/') {
-            self.dir(parent);
-        }
-        self.entries.insert(path, (0o100000 | mode, Some(data)));
+        self.fs.file(path, mode, data);
     }
 
     pub fn modules(&mut self, modules: &[(String, Vec<u8>)]) {
@@ -85,45 +60,20 @@ impl Initramfs {
     }
 
     /// Adds an executable at `/bin/NAME`, stripped of debug information, with the shared
-    /// libraries it needs at the paths `ldd` gives.
+    /// libraries it needs.
     pub fn binary(&mut self, path: &Path, strip_dir: &Path) -> Result<()> {
-        let name = path
-            .file_name()
-            .with_context(|| format!("{} has no file name", path.display()))?
-            .to_string_lossy()
-            .into_owned();
-        std::fs::create_dir_all(strip_dir)
-            .with_context(|| format!("creating {}", strip_dir.display()))?;
-        let stripped = strip_dir.join(&name);
-        let status = Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&stripped)
-            .arg(path)
-            .status()
-            .context("running strip (binutils)")?;
-        ensure!(status.success(), "strip {} failed", path.display());
-        let data =
-            std::fs::read(&stripped).with_context(|| format!("reading {}", stripped.display()))?;
-        self.file(&format!("bin/{name}"), 0o755, data);
-        for lib in shared_libraries(path)? {
-            let data = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
-            self.file(&lib.to_string_lossy(), 0o755, data);
-        }
-        Ok(())
+        self.fs.binary("bin", path, strip_dir).map(drop)
     }
 
     /// Writes the archive.
     pub fn write(&self, out: &Path) -> Result<()> {
         let mut buf = Vec::new();
-        for (ino, (path, (mode, data))) in self.entries.iter().enumerate() {
-            push_entry(
-                &mut buf,
-                ino as u32 + 1,
-                path,
-                *mode,
-                data.as_deref().unwrap_or(&[]),
-            );
+        for (ino, (path, entry)) in self.fs.iter().enumerate() {
+            let (kind, data) = match &entry.node {
+                Node::Dir => (0o040000, &[][..]),
+                Node::File(d) => (0o100000, &d[..]),
+            };
+            push_entry(&mut buf, ino as u32 + 1, path, kind | entry.mode, data);
         }
         push_entry(&mut buf, 0, "TRAILER!!!", 0, &[]);
         std::fs::write(out, buf).with_context(|| format!("writing {}", out.display()))
@@ -166,35 +116,6 @@ fn push_entry(buf: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     pad4(buf);
 }
 
-/// The shared libraries (including the dynamic loader) a binary needs, from `ldd`.
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("running ldd")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("not a dynamic executable") || text.contains("statically linked") {
-        return Ok(Vec::new());
-    }
-    ensure!(out.status.success(), "ldd {} failed", binary.display());
-    let mut libs = Vec::new();
-    for line in text.lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line
-                .split_whitespace()
-                .next()
-                .filter(|p| p.starts_with('/')),
-        };
-        match path {
-            Some(p) if p.starts_with('/') => libs.push(PathBuf::from(p)),
-            Some("not") => bail!("{}: missing library: {line}", binary.display()),
-            _ => {}
-        }
-    }
-    Ok(libs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,19 +141,5 @@ mod tests {
             .unwrap();
         assert!(dir_pos < plan_pos);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn ldd_finds_libc_and_the_loader() {
-        let libs = shared_libraries(Path::new("/bin/sh")).unwrap();
-        assert!(
-            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
-            "{libs:?}"
-        );
-        assert!(
-            libs.iter()
-                .any(|l| l.to_string_lossy().contains("ld-linux")),
-            "{libs:?}"
-        );
     }
 }

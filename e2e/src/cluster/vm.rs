@@ -1,0 +1,261 @@
+//! VM pods in the scenarios: the example VM pod (examples/vm-pod.yaml) as a user applies it,
+//! or variants of it (name, memory, backing, node), and the guest's health read from the pod's
+//! sidecar (`GET /v1/node`), which the host reaches through the cluster's routes to pod IPs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use faultline::local::client::SidecarClient;
+use faultline::sidecar_api::{GuestHealth, NodeInfo};
+use faultline::vmm_protocol::messages::VmState;
+use serde_json::{Value, json};
+
+use super::kube::{Kube, s, wait_for};
+
+pub const NAMESPACE: &str = "vms";
+
+/// A variant of the example VM pod.
+#[derive(Debug, Clone)]
+pub struct VmVariant<'a> {
+    pub name: &'a str,
+    /// faultline-vmm's `--memory`, e.g. `256M`.
+    pub memory: &'a str,
+    /// faultline-vmm's `--backing`.
+    pub backing: &'a str,
+    /// Put it on this node (`spec.nodeName`: bypassing the scheduler, so the pod itself
+    /// carries no placement rule its target would inherit).
+    pub node: Option<&'a str>,
+    /// Give every page data before the guest starts (faultline-vmm `--prefill`), so that every
+    /// page costs bandwidth: zero pages cross as markers only.
+    pub prefill: bool,
+}
+
+/// The example pod with the variant's name, memory (and a memory request that covers it),
+/// backing and node.
+pub fn variant(example: &Value, v: &VmVariant<'_>) -> Result<Value> {
+    let mut pod = example.clone();
+    pod["metadata"]["name"] = json!(v.name);
+    let containers = pod["spec"]["containers"]
+        .as_array_mut()
+        .context("the example pod has no containers")?;
+    let vmm = containers
+        .iter_mut()
+        .find(|c| c["name"] == "vmm")
+        .context("the example pod has no `vmm` container")?;
+    let args = vmm["args"]
+        .as_array_mut()
+        .context("the vmm container has no args")?;
+    for a in args.iter_mut() {
+        if let Some(text) = a.as_str() {
+            if text.starts_with("--memory=") {
+                *a = json!(format!("--memory={}", v.memory));
+            } else if text.starts_with("--backing=") {
+                *a = json!(format!("--backing={}", v.backing));
+            }
+        }
+    }
+    if v.prefill {
+        args.push(json!("--prefill"));
+    }
+    let mib = parse_mib(v.memory)?;
+    vmm["resources"]["requests"]["memory"] = json!(format!("{}Mi", mib + 76));
+    if let Some(node) = v.node {
+        pod["spec"]["nodeName"] = json!(node);
+    }
+    Ok(pod)
+}
+
+fn parse_mib(size: &str) -> Result<u64> {
+    let (num, unit) = size.split_at(size.len().saturating_sub(1));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("memory size {size:?}"))?;
+    match unit {
+        "M" => Ok(n),
+        "G" => Ok(n * 1024),
+        _ => bail!("memory size {size:?} is not NNNM or NG"),
+    }
+}
+
+/// The example VM pod, parsed.
+pub fn example(kube: &Kube, repo: &Path) -> Result<Value> {
+    kube.read_manifest(&repo.join("examples/vm-pod.yaml"))
+}
+
+/// Applies a pod and waits until it is Ready; returns the pod as it then is.
+pub fn create(kube: &Kube, pod: &Value) -> Result<Value> {
+    let name = s(pod, &["metadata", "name"]).to_string();
+    kube.apply(&pod.to_string())?;
+    wait_ready(kube, &name)
+}
+
+pub fn wait_ready(kube: &Kube, name: &str) -> Result<Value> {
+    wait_for(
+        &format!("pod {name} Ready"),
+        Duration::from_secs(90),
+        || {
+            let Some(p) = kube.get(Some(NAMESPACE), "pod", name)? else {
+                return Ok(Err("not found".into()));
+            };
+            let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            Ok(if ready {
+                Ok(p)
+            } else {
+                Err(format!("phase {}", s(&p, &["status", "phase"])))
+            })
+        },
+    )
+}
+
+pub fn node_of(pod: &Value) -> String {
+    s(pod, &["spec", "nodeName"]).to_string()
+}
+
+fn sidecar(pod: &Value) -> Result<SidecarClient> {
+    let ip = s(pod, &["status", "podIP"]);
+    ensure!(
+        !ip.is_empty(),
+        "pod {} has no IP",
+        s(pod, &["metadata", "name"])
+    );
+    Ok(SidecarClient::new(&format!("{ip}:9180")))
+}
+
+/// What a VM pod's sidecar says of its node and VM.
+pub fn node_info(kube: &Kube, name: &str) -> Result<NodeInfo> {
+    let pod = kube
+        .get(Some(NAMESPACE), "pod", name)?
+        .with_context(|| format!("pod {name} does not exist"))?;
+    Ok(sidecar(&pod)?.node()?)
+}
+
+fn health(kube: &Kube, name: &str) -> Result<(VmState, GuestHealth)> {
+    let info = node_info(kube, name)?;
+    let vm = info
+        .vm
+        .with_context(|| format!("{name}: the sidecar has not joined its VMM"))?;
+    let guest = vm
+        .guest
+        .with_context(|| format!("{name}: the VMM reports no guest status"))?;
+    Ok((vm.state, guest))
+}
+
+/// Checks that the VM in pod `name` runs: no verification failures, heartbeats rising.
+pub fn guest_running(kube: &Kube, name: &str) -> Result<String> {
+    let (_, first) = health(kube, name)?;
+    let last = wait_for(
+        &format!("{name}: guest heartbeats"),
+        Duration::from_secs(30),
+        || {
+            let (state, now) = health(kube, name)?;
+            if state != VmState::Running || now.failures != 0 {
+                bail!(
+                    "{name}: VM {state:?} with {} verification failures",
+                    now.failures
+                );
+            }
+            Ok(if now.heartbeats > first.heartbeats {
+                Ok(now)
+            } else {
+                Err(format!("{now:?}"))
+            })
+        },
+    )?;
+    Ok(format!(
+        "guest on {name}: running, 0 failures, heartbeats {} → {}",
+        first.heartbeats, last.heartbeats
+    ))
+}
+
+/// Checks that the VM in pod `name` runs and verifies itself: no failures, heartbeats rising,
+/// and every vCPU completing at least one more full verification sweep of its memory than
+/// when first asked (so every page was read back on this host). Returns a summary.
+pub fn verify_guest(kube: &Kube, name: &str) -> Result<String> {
+    let (state, first) = health(kube, name)?;
+    ensure!(
+        state == VmState::Running,
+        "{name}: VM is {state:?}, not running"
+    );
+    ensure!(
+        first.failures == 0,
+        "{name}: the guest reported {} verification failures",
+        first.failures
+    );
+    let last = wait_for(
+        &format!("{name}: a full verification sweep on every vCPU"),
+        Duration::from_secs(120),
+        || {
+            let (state, now) = health(kube, name)?;
+            if state != VmState::Running || now.failures != 0 {
+                bail!(
+                    "{name}: VM {state:?} with {} verification failures",
+                    now.failures
+                );
+            }
+            let swept = now
+                .status_words
+                .iter()
+                .zip(&first.status_words)
+                .all(|(n, f)| n > f);
+            Ok(if swept && now.heartbeats > first.heartbeats {
+                Ok(now)
+            } else {
+                Err(format!("{now:?}"))
+            })
+        },
+    )?;
+    Ok(format!(
+        "guest on {name}: 0 failures, sweeps {:?} → {:?}, heartbeats {} → {}",
+        first.status_words, last.status_words, first.heartbeats, last.heartbeats
+    ))
+}
+
+/// Waits until a pod no longer exists.
+pub fn wait_gone(kube: &Kube, kind: &str, name: &str, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{kind} {name} gone"), timeout, || {
+        Ok(match kube.get(Some(NAMESPACE), kind, name)? {
+            None => Ok(()),
+            Some(v) => Err(format!(
+                "still there (phase {:?})",
+                s(&v, &["status", "phase"])
+            )),
+        })
+    })
+}
+
+/// Deletes every migration and pod in the VM namespace and waits until they are gone, so a
+/// scenario starts from nothing. Migrations first: their finalizers need the pods' sidecars.
+pub fn reset(kube: &Kube) -> Result<()> {
+    for kind in ["virtualmachinemigrations", "pods"] {
+        kube.kubectl(&[
+            "delete",
+            kind,
+            "--all",
+            "-n",
+            NAMESPACE,
+            "--wait=false",
+            "--ignore-not-found",
+        ])?;
+        wait_for(
+            &format!("every {kind} in {NAMESPACE} gone"),
+            Duration::from_secs(120),
+            || {
+                let left = kube.list(Some(NAMESPACE), kind, None)?;
+                Ok(if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(left
+                        .iter()
+                        .map(|o| s(o, &["metadata", "name"]).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                })
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! `Connecting` to `PostCopy`: mirroring the sidecars into status until an outcome.
+
+use super::*;
+
+impl Reconciler<'_> {
+    /// The sidecars run the migration: mirror their progress, finish on their outcome.
+    pub(super) async fn drive(&self, mig: VirtualMachineMigration) -> Result<Next, Error> {
+        let s = mig.status.clone().unwrap_or_default();
+        let Some((src, tgt)) = self.sidecar_pair(&s) else {
+            return self
+                .abort(
+                    mig,
+                    Phase::Failed,
+                    "status lacks the sidecar addresses".into(),
+                )
+                .await;
+        };
+        let id = s.migration_id.clone().unwrap_or_default();
+        let src_r = self.sidecar_status(&src, &id).await;
+        let tgt_r = self.sidecar_status(&tgt, &id).await;
+        let src_s = src_r.as_ref().ok();
+        let tgt_s = tgt_r.as_ref().ok();
+        let committed =
+            s.committed || src_s.is_some_and(|x| x.committed) || tgt_s.is_some_and(|x| x.committed);
+
+        if let Some(t) = tgt_s
+            && t.phase == sidecar_api::Phase::Completed
+        {
+            return self.succeed(mig, src_s, t).await;
+        }
+
+        if committed {
+            let lost = src_s.is_some_and(|x| x.vm_lost)
+                || tgt_s.is_some_and(|x| {
+                    x.vm_lost || (x.phase.is_terminal() && x.phase != sidecar_api::Phase::Completed)
+                });
+            if lost {
+                let why = tgt_s
+                    .and_then(|x| x.error.clone())
+                    .or_else(|| src_s.and_then(|x| x.error.clone()))
+                    .unwrap_or_else(|| "the target sidecar reports the migration failed".into());
+                return self.lose(mig, src_s, tgt_s, why).await;
+            }
+            if let Err(e) = &tgt_r {
+                if e.is_not_found() {
+                    return self
+                        .lose(mig, src_s, None, format!(
+                            "the target sidecar no longer knows migration {id} after the point of no return (was it restarted?)"
+                        ))
+                        .await;
+                }
+                // Unreachable after the point of no return: only the pod can tell us more.
+                return self
+                    .target_unreachable_after_commit(mig, src_s, e.to_string())
+                    .await;
+            }
+        } else {
+            // Before the point of no return: any failure cancels, the source keeps running.
+            let failed = [src_s, tgt_s]
+                .into_iter()
+                .flatten()
+                .find(|x| x.phase.is_terminal());
+            if let Some(f) = failed {
+                let side = if f.role == Role::Source {
+                    "source"
+                } else {
+                    "target"
+                };
+                let why = f.error.clone().unwrap_or_else(|| f.message.clone());
+                return self
+                    .abort(
+                        mig,
+                        Phase::Failed,
+                        format!(
+                            "the {side} sidecar reports the migration {}: {why}",
+                            sidecar_phase_str(f.phase)
+                        ),
+                    )
+                    .await;
+            }
+            for (side, r) in [("source", &src_r), ("target", &tgt_r)] {
+                if let Err(e) = r {
+                    if e.is_not_found() {
+                        return self
+                            .abort(mig, Phase::Failed, format!(
+                                "the {side} sidecar no longer knows migration {id} (was it restarted?)"
+                            ))
+                            .await;
+                    }
+                    return self
+                        .stall(mig, format!("cannot reach the {side} sidecar: {e}"))
+                        .await;
+                }
+            }
+        }
+
+        // In progress: mirror it.
+        let mut n = s.clone();
+        let current = s.phase.unwrap_or(Phase::Connecting);
+        let seen = [src_s, tgt_s]
+            .into_iter()
+            .flatten()
+            .filter_map(|x| map_phase(x.phase))
+            .max()
+            .unwrap_or(current);
+        let phase = seen.max(current);
+        let now = self.now();
+        n.waiting_since = None;
+        let newly_committed = committed && !s.committed;
+        if newly_committed {
+            n.committed = true;
+            n.commit_time = Some(Time(now));
+            self.set_condition(
+                &mut n,
+                condition::COMMITTED,
+                true,
+                "PointOfNoReturn",
+                "the source VM is fenced; the migration can only complete",
+            );
+        }
+        let progress = merge_progress(src_s, tgt_s, now);
+        let message = src_s
+            .filter(|x| x.role == Role::Source && !committed)
+            .or(tgt_s)
+            .or(src_s)
+            .map(|x| x.message.clone());
+        let progress_due = s
+            .progress
+            .as_ref()
+            .and_then(|p| p.updated.as_ref())
+            .is_none_or(|u| now.duration_since(u.0) >= signed(self.cfg().status_interval));
+        let progress_changed = s.progress.as_ref().map(strip_time) != Some(strip_time(&progress));
+        let phase_changed = phase != current;
+        let mode = s.mode.unwrap_or(mig.spec.policy.mode);
+        let entered = phases_between(
+            current,
+            phase,
+            Evidence::from_reports(mode, src_s, tgt_s, committed),
+        );
+        for p in &entered {
+            self.enter(&mut n, *p);
+        }
+        if phase_changed
+            || newly_committed
+            || s.waiting_since.is_some()
+            || (progress_changed && progress_due)
+        {
+            n.progress = Some(progress);
+            if let Some(m) = message {
+                n.message = Some(if s.deletion_deferred {
+                    format!("deletion waits for completion (past the point of no return); {m}")
+                } else {
+                    m
+                });
+            }
+            let mig = self.write_status(&mig, n).await?;
+            if newly_committed {
+                self.event(&mig, EventType::Normal, "Committed",
+                    "point of no return passed: the source VM is fenced and the VM runs on the target from now on").await;
+            }
+            let msg = mig
+                .status
+                .as_ref()
+                .and_then(|s| s.message.clone())
+                .unwrap_or_default();
+            for p in &entered {
+                self.phase_event(&mig, *p, &msg).await;
+            }
+        }
+        Ok(Next::Wait(Action::requeue(self.cfg().poll_interval)))
+    }
+
+    pub(super) async fn target_unreachable_after_commit(
+        &self,
+        mig: VirtualMachineMigration,
+        src_s: Option<&MigrationStatus>,
+        err: String,
+    ) -> Result<Next, Error> {
+        let s = mig.status.clone().unwrap_or_default();
+        let name = s.target_pod.clone().unwrap_or_default();
+        let gone = match self.pods.get_opt(&name).await? {
+            None => Some(format!("target pod {name} is gone")),
+            Some(p) if p.uid() != s.target_pod_uid => {
+                Some(format!("target pod {name} was replaced"))
+            }
+            Some(p) => match pods::pod_state(&p) {
+                PodState::Finished(why) => Some(format!("target pod {name} stopped: {why}")),
+                PodState::Terminating => Some(format!("target pod {name} is being deleted")),
+                _ => None,
+            },
+        };
+        if let Some(why) = gone {
+            return self
+                .lose(
+                    mig,
+                    src_s,
+                    None,
+                    format!("{why} after the point of no return"),
+                )
+                .await;
+        }
+        // The pod is there: the sidecar may be restarting. Keep waiting, and say so.
+        let mut s = s;
+        let msg = format!("past the point of no return; cannot reach the target sidecar: {err}");
+        if s.message.as_deref() != Some(msg.as_str()) {
+            s.message = Some(msg);
+            self.write_status(&mig, s).await?;
+        }
+        Ok(Next::Wait(Action::requeue(self.cfg().poll_interval)))
+    }
+}

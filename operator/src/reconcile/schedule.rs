@@ -1,0 +1,220 @@
+//! `Scheduling`: the per-migration Secret and the target pod, and waiting for the pod.
+
+use super::*;
+
+impl Reconciler<'_> {
+    /// Scheduling: the Secret and the target pod exist; wait for the pod to be ready.
+    pub(super) async fn schedule(&self, mig: VirtualMachineMigration) -> Result<Next, Error> {
+        let s = mig.status.clone().unwrap_or_default();
+        if let Err(e) = self.ensure_secret(&mig, &s).await? {
+            return self.abort(mig, Phase::Failed, e).await;
+        }
+        let target_name = s.target_pod.clone().unwrap_or_default();
+        let uid = mig.uid().unwrap_or_default();
+        let Some(target) = self.pods.get_opt(&target_name).await? else {
+            return self.create_target(mig, &s).await;
+        };
+        if !pods::is_target_of(&target, &uid) {
+            return self
+                .abort(
+                    mig,
+                    Phase::Failed,
+                    format!("pod {target_name} exists and is not this migration's target"),
+                )
+                .await;
+        }
+        let since = s
+            .start_time
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or_else(|| self.now());
+        let waited = self.now().duration_since(since);
+        match pods::pod_state(&target) {
+            PodState::Ready => {
+                let ip = match pods::pod_ip(&target) {
+                    Ok(Some(ip)) => ip,
+                    Ok(None) => {
+                        return self
+                            .note(
+                                mig,
+                                format!("waiting for target pod {target_name} to get an IP"),
+                            )
+                            .await;
+                    }
+                    Err(e) => return self.abort(mig, Phase::Failed, e).await,
+                };
+                let (port, mport) = match (
+                    pods::sidecar_port(&target),
+                    pods::migration_port_annotation(&target),
+                ) {
+                    (Ok(p), Ok(m)) => (p, m),
+                    (Err(e), _) | (_, Err(e)) => return self.abort(mig, Phase::Failed, e).await,
+                };
+                let mut s = s;
+                s.target_pod_uid = target.uid();
+                s.target_node = target.spec.as_ref().and_then(|p| p.node_name.clone());
+                s.target_sidecar = Some(SocketAddr::new(ip, port).to_string());
+                s.target_address = mport.map(|p| SocketAddr::new(ip, p).to_string());
+                s.waiting_since = None;
+                self.set_condition(
+                    &mut s,
+                    condition::TARGET_READY,
+                    true,
+                    "PodReady",
+                    &format!("target pod {target_name} is ready"),
+                );
+                self.enter(&mut s, Phase::Connecting);
+                let node = s.target_node.clone().unwrap_or_else(|| "?".into());
+                s.message = Some(format!(
+                    "target pod {target_name} ready on node {node}; starting the sidecars"
+                ));
+                let mig = self.write_status(&mig, s).await?;
+                self.phase_event(
+                    &mig,
+                    Phase::Connecting,
+                    &format!("target pod {target_name} is ready on node {node}"),
+                )
+                .await;
+                Ok(Next::Continue(Box::new(mig)))
+            }
+            PodState::Finished(why) => {
+                self.abort(
+                    mig,
+                    Phase::Failed,
+                    format!("target pod {target_name} stopped: {why}"),
+                )
+                .await
+            }
+            PodState::Terminating => {
+                self.abort(
+                    mig,
+                    Phase::Failed,
+                    format!("target pod {target_name} is being deleted"),
+                )
+                .await
+            }
+            PodState::Unschedulable(why) => {
+                let limit = self.cfg().scheduling_timeout;
+                if waited > signed(limit) {
+                    return self
+                        .abort(
+                            mig,
+                            Phase::Failed,
+                            format!(
+                                "target pod {target_name} could not be scheduled within {}: {why}",
+                                human(limit)
+                            ),
+                        )
+                        .await;
+                }
+                self.note(
+                    mig,
+                    format!(
+                        "target pod {target_name} is unschedulable (giving up after {}): {why}",
+                        human(limit)
+                    ),
+                )
+                .await
+            }
+            PodState::Starting(why) => {
+                let limit = self.cfg().target_ready_timeout;
+                if waited > signed(limit) {
+                    return self
+                        .abort(
+                            mig,
+                            Phase::Failed,
+                            format!(
+                                "target pod {target_name} did not become ready within {}: {why}",
+                                human(limit)
+                            ),
+                        )
+                        .await;
+                }
+                self.note(mig, format!("waiting for target pod {target_name}: {why}"))
+                    .await
+            }
+        }
+    }
+
+    pub(super) async fn create_target(
+        &self,
+        mig: VirtualMachineMigration,
+        s: &VirtualMachineMigrationStatus,
+    ) -> Result<Next, Error> {
+        let src_name = mig.spec.source.pod.clone();
+        let source =
+            match self.pods.get_opt(&src_name).await? {
+                Some(p) if p.uid() == s.source_pod_uid => p,
+                _ => {
+                    return self
+                    .abort(mig, Phase::Failed, format!(
+                        "source pod {src_name} disappeared before the target pod was created"
+                    ))
+                    .await;
+                }
+            };
+        let node = s.source_node.clone().unwrap_or_default();
+        let pod = match pods::build_target_pod(&mig, &source, &node) {
+            Ok(p) => p,
+            Err(e) => return self.abort(mig, Phase::Failed, e).await,
+        };
+        match self.pods.create(&PostParams::default(), &pod).await {
+            Ok(_) => {}
+            // Created by an earlier reconciliation whose answer was lost: the next one sees it.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let name = pod.metadata.name.unwrap_or_default();
+        info!(migration = self.name, namespace = self.ns, pod = %name, "target pod created");
+        self.note(
+            mig,
+            format!("target pod {name} created; waiting for it to be scheduled"),
+        )
+        .await
+    }
+
+    /// The Secret holds the token both sidecars get; it is created once and read back each
+    /// time, so a restarted operator sends the same token.
+    pub(super) async fn ensure_secret(
+        &self,
+        mig: &VirtualMachineMigration,
+        s: &VirtualMachineMigrationStatus,
+    ) -> Result<Result<String, String>, Error> {
+        let name = s.secret_name.clone().unwrap_or_default();
+        let uid = mig.uid().unwrap_or_default();
+        if let Some(secret) = self.secrets.get_opt(&name).await? {
+            return Ok(read_secret(&secret, &uid));
+        }
+        let token = match faultline::wire::handshake::Secret::generate() {
+            Ok(t) => t.to_base64(),
+            Err(e) => return Ok(Err(format!("generating the migration secret: {e}"))),
+        };
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(self.ns.to_string()),
+                labels: Some([(pods::LABEL_MIGRATION_UID.to_string(), uid.clone())].into()),
+                owner_references: Some(vec![self.owner_ref(mig)?]),
+                ..Default::default()
+            },
+            data: Some(
+                [(
+                    SECRET_KEY.to_string(),
+                    ByteString(token.clone().into_bytes()),
+                )]
+                .into(),
+            ),
+            type_: Some("Opaque".into()),
+            immutable: Some(true),
+            ..Default::default()
+        };
+        match self.secrets.create(&PostParams::default(), &secret).await {
+            Ok(created) => Ok(read_secret(&created, &uid)),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let existing = self.secrets.get(&name).await?;
+                Ok(read_secret(&existing, &uid))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -14,8 +14,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use std::future::Future;
 use tokio::sync::watch;
@@ -23,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::crd::VirtualMachineMigration;
 use crate::metrics::{self, Health, Metrics};
-use crate::pods::LABEL_ROLE;
+use crate::pods::{ANNOTATION_MIGRATION, LABEL_ROLE};
 use crate::reconcile::{self, Config, Context, system_clock};
 
 /// Process-level options.
@@ -175,8 +176,9 @@ where
     }
 }
 
-/// The controller proper: migrations, plus the target pods they control (so a target pod
-/// becoming ready or failing wakes its migration at once rather than at the next poll).
+/// The controller proper: migrations, plus their target pods (so a target pod becoming ready
+/// or failing wakes its migration at once rather than at the next poll). Target pods are not
+/// owned by their migration (pods.rs says why); their annotation names it.
 async fn run_controller(ctx: Arc<Context>, config: &Config, workers: u16) -> anyhow::Result<()> {
     let client = ctx.client.clone();
     let (migs, pods): (Api<VirtualMachineMigration>, Api<Pod>) = match &config.namespace {
@@ -191,9 +193,13 @@ async fn run_controller(ctx: Arc<Context>, config: &Config, workers: u16) -> any
         .await
         .context("listing VirtualMachineMigrations (is the CRD installed? see crds/)")?;
     Controller::new(migs, watcher::Config::default())
-        .owns(
+        .watches(
             pods,
             watcher::Config::default().labels(&format!("{LABEL_ROLE}=target")),
+            |pod: Pod| {
+                let name = pod.annotations().get(ANNOTATION_MIGRATION)?.clone();
+                Some(ObjectRef::new(&name).within(&pod.namespace()?))
+            },
         )
         // Our own status writes trigger watch events too; coalescing them keeps the rate of
         // reconciliations (and sidecar polls) bounded.

@@ -450,6 +450,8 @@ impl VirtualMachineMigration {
 
 /// Condition types.
 pub mod condition {
+    /// Whether the VM pod can be migrated at all (checked before anything moves).
+    pub const MIGRATABLE: &str = "Migratable";
     pub const ADMITTED: &str = "Admitted";
     pub const TARGET_READY: &str = "TargetReady";
     pub const COMMITTED: &str = "Committed";

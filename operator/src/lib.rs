@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crd;
 pub mod decide;
 pub mod metrics;
+pub mod migratable;
 pub mod pods;
 pub mod reconcile;
 pub mod sidecar;

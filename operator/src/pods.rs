@@ -8,7 +8,15 @@
 //! - every container of a target pod gets `FAULTLINE_INCOMING=true`, which makes
 //!   `faultline-vmm` (and any VMM following the convention) start in incoming mode;
 //! - a target pod is labelled `faultline.dev/migration-uid=<migration uid>` and
-//!   `faultline.dev/role=target`, and is controlled by its migration until it succeeds.
+//!   `faultline.dev/role=target` (until it succeeds). It has **no** owner reference to its
+//!   migration: a dependent of the migration would be deleted by the garbage collector on a
+//!   foreground deletion, even after the point of no return, when it holds the only VM. The
+//!   migration's finalizer deletes a target that must go;
+//! - a target pod carries the readiness gate `faultline.dev/vm-running`, which the operator
+//!   sets once the VM runs there, so it joins Service endpoints only then;
+//! - a target pod records, in the annotation `faultline.dev/placement`, the placement
+//!   (nodeSelector, affinity) of the pod the VM was first migrated from: each migration adds
+//!   its own placement to that one, never to the last migration's.
 //!
 //! Pure functions only: nothing here talks to the API server.
 
@@ -17,9 +25,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
-    PodSpec,
+    PodReadinessGate, PodSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde::{Deserialize, Serialize};
 
 use crate::crd::VirtualMachineMigration;
 use crate::sidecar::{DEFAULT_API_PORT, DEFAULT_MIGRATION_PORT};
@@ -29,6 +38,11 @@ pub const ANNOTATION_MIGRATION_PORT: &str = "faultline.dev/migration-port";
 pub const LABEL_MIGRATION_UID: &str = "faultline.dev/migration-uid";
 pub const LABEL_ROLE: &str = "faultline.dev/role";
 pub const ENV_INCOMING: &str = "FAULTLINE_INCOMING";
+pub const ANNOTATION_PLACEMENT: &str = "faultline.dev/placement";
+/// Names a target pod's migration (label values are too short for every migration name).
+pub const ANNOTATION_MIGRATION: &str = "faultline.dev/migration";
+/// The readiness gate of target pods: true once the VM runs in the pod.
+pub const CONDITION_VM_RUNNING: &str = "faultline.dev/vm-running";
 
 /// The target pod's name: derived from the source pod and the migration, so a restarted
 /// operator finds the pod it created. At most 63 characters (it is also the pod's hostname).
@@ -98,19 +112,32 @@ pub fn pod_ip(pod: &Pod) -> Result<Option<IpAddr>, String> {
 /// What a pod is doing, as far as a migration cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodState {
-    /// Running, every container ready, with an IP.
+    /// Running with an IP, and ready in the sense asked for.
     Ready,
     /// The scheduler found no node; the message says why.
     Unschedulable(String),
     /// Not ready yet (scheduling, pulling images, starting).
     Starting(String),
-    /// Terminated: it will never become ready.
+    /// It will never become ready: the pod ended, or one of its containers terminated and
+    /// will not be restarted (a VMM that exits under `restartPolicy: Never`).
     Finished(String),
     /// Being deleted.
     Terminating,
 }
 
-pub fn pod_state(pod: &Pod) -> PodState {
+/// What "ready" means for a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyWhen {
+    /// The pod's Ready condition: every container and readiness gate (a source VM pod).
+    Pod,
+    /// The container serving the sidecar API on this port is ready (a target pod: its VMM
+    /// waits in incoming mode, so its other containers' probes may not pass yet, and its
+    /// readiness gate is set only once the VM runs there). Without a container declaring the
+    /// port, every container must be ready.
+    Sidecar { port: u16 },
+}
+
+pub fn pod_state(pod: &Pod, when: ReadyWhen) -> PodState {
     if pod.metadata.deletion_timestamp.is_some() {
         return PodState::Terminating;
     }
@@ -126,6 +153,21 @@ pub fn pod_state(pod: &Pod) -> PodState {
             .unwrap_or_default();
         return PodState::Finished(format!("pod phase {phase} {why}").trim().to_string());
     }
+    let never_restarts =
+        pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("Never");
+    if never_restarts
+        && let Some(why) = status.container_statuses.iter().flatten().find_map(|c| {
+            let t = c.state.as_ref()?.terminated.as_ref()?;
+            Some(format!(
+                "container {} terminated ({}, exit code {}) and is never restarted",
+                c.name,
+                t.reason.as_deref().unwrap_or("no reason given"),
+                t.exit_code
+            ))
+        })
+    {
+        return PodState::Finished(why);
+    }
     let cond = |t: &str| {
         status
             .conditions
@@ -138,7 +180,18 @@ pub fn pod_state(pod: &Pod) -> PodState {
     {
         return PodState::Unschedulable(c.message.clone().unwrap_or_else(|| "no node fits".into()));
     }
-    let ready = cond("Ready").is_some_and(|c| c.status == "True");
+    let ready = match when {
+        ReadyWhen::Pod => cond("Ready").is_some_and(|c| c.status == "True"),
+        ReadyWhen::Sidecar { port } => match sidecar_container(pod, port) {
+            Some(name) => status
+                .container_statuses
+                .iter()
+                .flatten()
+                .chain(status.init_container_statuses.iter().flatten())
+                .any(|c| c.name == name && c.ready),
+            None => cond("ContainersReady").is_some_and(|c| c.status == "True"),
+        },
+    };
     let has_ip = matches!(pod_ip(pod), Ok(Some(_)));
     if phase == "Running" && ready && has_ip {
         return PodState::Ready;
@@ -166,6 +219,22 @@ pub fn pod_state(pod: &Pod) -> PodState {
     PodState::Starting(why)
 }
 
+/// The container (or native sidecar: a restartable init container) that declares the
+/// sidecar API's port.
+pub fn sidecar_container(pod: &Pod, port: u16) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| {
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.container_port == i32::from(port))
+        })
+        .map(|c| c.name.clone())
+}
+
 /// Whether `pod` was created as the target of the migration with this uid.
 pub fn is_target_of(pod: &Pod, migration_uid: &str) -> bool {
     pod.metadata
@@ -175,17 +244,51 @@ pub fn is_target_of(pod: &Pod, migration_uid: &str) -> bool {
         .is_some_and(|v| v == migration_uid)
 }
 
-/// Whether the migration still controls the pod (it hands control over on success).
-pub fn controlled_by(pod: &Pod, uid: &str) -> bool {
-    pod.metadata
-        .owner_references
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|r| r.uid == uid && r.controller == Some(true)))
+/// Whether the pod is still a migration's target: created as one and not yet handed over
+/// (success removes the role label).
+pub fn is_unfinished_target(pod: &Pod) -> Option<&str> {
+    let labels = pod.metadata.labels.as_ref()?;
+    if labels.get(LABEL_ROLE).map(String::as_str) != Some("target") {
+        return None;
+    }
+    labels.get(LABEL_MIGRATION_UID).map(String::as_str)
 }
 
-/// Checks that the migration's node selector can be combined with the source pod's.
+/// The placement the VM's first pod had, before any migration added its own.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+/// The pod's own placement: from its `faultline.dev/placement` annotation if a migration made
+/// it, else its spec.
+pub fn original_placement(pod: &Pod) -> Result<Placement, String> {
+    if let Some(text) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_PLACEMENT))
+    {
+        return serde_json::from_str(text)
+            .map_err(|e| format!("pod annotation {ANNOTATION_PLACEMENT} does not parse: {e}"));
+    }
+    let spec = pod.spec.as_ref();
+    Ok(Placement {
+        node_selector: spec
+            .and_then(|s| s.node_selector.clone())
+            .filter(|m| !m.is_empty()),
+        affinity: spec.and_then(|s| s.affinity.clone()),
+    })
+}
+
+/// Checks that the migration's node selector can be combined with the VM's own placement.
 pub fn check_node_selector(mig: &VirtualMachineMigration, source: &Pod) -> Result<(), String> {
-    let own = source.spec.as_ref().and_then(|s| s.node_selector.as_ref());
+    let placement = original_placement(source)?;
+    let own = placement.node_selector.as_ref();
     for (k, v) in &mig.spec.target.node_selector {
         if let Some(theirs) = own.and_then(|m| m.get(k))
             && theirs != v
@@ -198,8 +301,9 @@ pub fn check_node_selector(mig: &VirtualMachineMigration, source: &Pod) -> Resul
     Ok(())
 }
 
-/// Builds the target pod from the source pod: same containers and volumes, placed per the
-/// migration's spec, starting its VMM in incoming mode, controlled by the migration.
+/// Builds the target pod from the source pod: same containers and volumes, placed by the VM's
+/// own placement plus the migration's, starting its VMM in incoming mode, ready for Services
+/// only once the VM runs there.
 pub fn build_target_pod(
     mig: &VirtualMachineMigration,
     source: &Pod,
@@ -240,6 +344,11 @@ pub fn build_target_pod(
         });
     }
 
+    // Placement belongs to one migration: start from the VM's own, never from what an
+    // earlier migration added.
+    let placement = original_placement(source)?;
+    spec.node_selector = placement.node_selector.clone();
+    spec.affinity = placement.affinity.clone();
     if !mig.spec.target.node_selector.is_empty() {
         let sel = spec.node_selector.get_or_insert_with(BTreeMap::new);
         for (k, v) in &mig.spec.target.node_selector {
@@ -252,6 +361,15 @@ pub fn build_target_pod(
     if mig.spec.target.avoid_source_node {
         avoid_node(&mut spec, source_node);
     }
+    let gates = spec.readiness_gates.get_or_insert_with(Vec::new);
+    if !gates
+        .iter()
+        .any(|g| g.condition_type == CONDITION_VM_RUNNING)
+    {
+        gates.push(PodReadinessGate {
+            condition_type: CONDITION_VM_RUNNING.into(),
+        });
+    }
 
     let mut labels: BTreeMap<String, String> = source
         .metadata
@@ -263,7 +381,7 @@ pub fn build_target_pod(
         .collect();
     labels.insert(LABEL_MIGRATION_UID.into(), uid.into());
     labels.insert(LABEL_ROLE.into(), "target".into());
-    let annotations: BTreeMap<String, String> = source
+    let mut annotations: BTreeMap<String, String> = source
         .metadata
         .annotations
         .clone()
@@ -271,21 +389,34 @@ pub fn build_target_pod(
         .into_iter()
         .filter(|(k, _)| k != "kubectl.kubernetes.io/last-applied-configuration")
         .collect();
+    annotations.insert(ANNOTATION_MIGRATION.into(), mig_name.into());
+    annotations.insert(
+        ANNOTATION_PLACEMENT.into(),
+        serde_json::to_string(&placement).map_err(|e| format!("encoding the placement: {e}"))?,
+    );
+    // Whatever owns the VM pod without controlling it owns its new home too, so garbage
+    // collection treats both alike. Controlled pods are refused before anything moves
+    // (migratable.rs). blockOwnerDeletion needs a permission on every owner's kind, so it
+    // is not set.
+    let owners: Vec<OwnerReference> = source
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.controller != Some(true))
+        .map(|o| OwnerReference {
+            block_owner_deletion: None,
+            ..o.clone()
+        })
+        .collect();
 
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(target_pod_name(source_name, uid)),
             namespace: source.metadata.namespace.clone(),
             labels: Some(labels),
-            annotations: (!annotations.is_empty()).then_some(annotations),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "faultline.dev/v1alpha1".into(),
-                kind: "VirtualMachineMigration".into(),
-                name: mig_name.into(),
-                uid: uid.into(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }]),
+            annotations: Some(annotations),
+            owner_references: (!owners.is_empty()).then_some(owners),
             ..Default::default()
         },
         spec: Some(spec),
@@ -414,9 +545,14 @@ mod tests {
         let ann = meta.annotations.as_ref().expect("annotations");
         assert_eq!(ann[ANNOTATION_SIDECAR_PORT], "9200");
         assert!(!ann.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
-        let owner = &meta.owner_references.as_ref().expect("owner")[0];
-        assert_eq!(owner.kind, "VirtualMachineMigration");
-        assert_eq!(owner.controller, Some(true));
+        // No owner reference to the migration: a foreground deletion of the migration must
+        // never take the VM's new home with it.
+        assert_eq!(meta.owner_references, None);
+        let placement: Placement = serde_json::from_str(&ann[ANNOTATION_PLACEMENT]).unwrap();
+        assert_eq!(
+            placement.node_selector,
+            Some(BTreeMap::from([("kvm".to_string(), "true".to_string())]))
+        );
 
         let spec = pod.spec.as_ref().expect("spec");
         assert_eq!(spec.node_name, None);
@@ -435,6 +571,10 @@ mod tests {
             );
         }
         assert_eq!(spec.volumes.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            spec.readiness_gates.as_ref().unwrap()[0].condition_type,
+            CONDITION_VM_RUNNING
+        );
         let terms = &spec
             .affinity
             .as_ref()
@@ -486,6 +626,63 @@ mod tests {
     }
 
     #[test]
+    fn placement_belongs_to_one_migration_so_a_vm_can_come_back() {
+        // A -> B: the target avoids node-a.
+        let there = migration(json!({"nodeSelector": {"zone": "b"}}));
+        let mut on_b = build_target_pod(&there, &source_pod(), "node-a").expect("build");
+        on_b.spec.as_mut().unwrap().node_name = Some("node-b".into());
+        // B -> A: built from the migrated pod, it avoids node-b only and keeps no zone.
+        let mut back = migration(json!({}));
+        back.metadata.uid = Some("9f9f9f9f-1111-2222-3333-444455556666".into());
+        let pod = build_target_pod(&back, &on_b, "node-b").expect("build");
+        let spec = pod.spec.clone().unwrap();
+        assert_eq!(
+            spec.node_selector,
+            Some(BTreeMap::from([("kvm".to_string(), "true".to_string())]))
+        );
+        let terms = spec
+            .affinity
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        let excluded: Vec<String> = terms
+            .iter()
+            .flat_map(|t| t.match_fields.iter().flatten())
+            .flat_map(|f| f.values.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(excluded, ["node-b"]);
+        // The original placement is carried on unchanged.
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()[ANNOTATION_PLACEMENT],
+            on_b.metadata.annotations.as_ref().unwrap()[ANNOTATION_PLACEMENT]
+        );
+        // And a later migration to another zone is no contradiction.
+        let other_zone = migration(json!({"nodeSelector": {"zone": "c"}}));
+        assert!(check_node_selector(&other_zone, &pod).is_ok());
+    }
+
+    #[test]
+    fn owners_that_do_not_control_follow_the_vm_without_blocking() {
+        let mut src = source_pod();
+        src.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "example.com/v1".into(),
+            kind: "VmGroup".into(),
+            name: "group".into(),
+            uid: "g".into(),
+            controller: None,
+            block_owner_deletion: Some(true),
+        }]);
+        let pod = build_target_pod(&migration(json!({})), &src, "node-a").expect("build");
+        let owners = pod.metadata.owner_references.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "VmGroup");
+        assert_eq!(owners[0].block_owner_deletion, None);
+    }
+
+    #[test]
     fn node_selector_contradiction_is_reported() {
         let mig = migration(json!({"nodeSelector": {"kvm": "false"}}));
         let e = check_node_selector(&mig, &source_pod()).expect_err("contradiction");
@@ -520,13 +717,16 @@ mod tests {
     #[test]
     fn pod_states() {
         let mut pod = source_pod();
-        assert!(matches!(pod_state(&pod), PodState::Starting(_)));
+        assert!(matches!(
+            pod_state(&pod, ReadyWhen::Pod),
+            PodState::Starting(_)
+        ));
         pod.status = Some(
             serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.7",
             "conditions": [{"type": "Ready", "status": "True"}]}))
             .unwrap(),
         );
-        assert_eq!(pod_state(&pod), PodState::Ready);
+        assert_eq!(pod_state(&pod, ReadyWhen::Pod), PodState::Ready);
         pod.status = Some(
             serde_json::from_value(json!({"phase": "Pending",
             "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -534,11 +734,60 @@ mod tests {
             .unwrap(),
         );
         assert_eq!(
-            pod_state(&pod),
+            pod_state(&pod, ReadyWhen::Pod),
             PodState::Unschedulable("0/3 nodes are available".into())
         );
         pod.status =
             Some(serde_json::from_value(json!({"phase": "Failed", "reason": "Evicted"})).unwrap());
-        assert!(matches!(pod_state(&pod), PodState::Finished(m) if m.contains("Evicted")));
+        assert!(
+            matches!(pod_state(&pod, ReadyWhen::Pod), PodState::Finished(m) if m.contains("Evicted"))
+        );
+    }
+
+    #[test]
+    fn a_target_is_ready_when_its_sidecar_is_and_a_dead_vmm_never_comes_back() {
+        let mut pod = source_pod();
+        {
+            let spec = pod.spec.as_mut().unwrap();
+            spec.restart_policy = Some("Never".into());
+            spec.containers[1].ports = Some(vec![
+                serde_json::from_value(json!({"containerPort": 9200})).unwrap(),
+            ]);
+        }
+        // The VMM container is not ready (incoming), the sidecar is, the gate is unset.
+        pod.status = Some(
+            serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.8",
+                "conditions": [{"type": "Ready", "status": "False"},
+                               {"type": "ContainersReady", "status": "False"}],
+                "containerStatuses": [
+                    {"name": "vmm", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                     "state": {"running": {}}},
+                    {"name": "sidecar", "ready": true, "restartCount": 0, "image": "i", "imageID": "",
+                     "state": {"running": {}}}]}))
+            .unwrap(),
+        );
+        assert_eq!(
+            pod_state(&pod, ReadyWhen::Sidecar { port: 9200 }),
+            PodState::Ready
+        );
+        assert!(matches!(
+            pod_state(&pod, ReadyWhen::Pod),
+            PodState::Starting(_)
+        ));
+        // No container declares the port: every container must be ready.
+        assert!(matches!(
+            pod_state(&pod, ReadyWhen::Sidecar { port: 9180 }),
+            PodState::Starting(_)
+        ));
+        // The VMM exited under restartPolicy Never: it never comes back.
+        let st = pod.status.as_mut().unwrap();
+        st.container_statuses.as_mut().unwrap()[0].state = Some(
+            serde_json::from_value(json!({"terminated": {"exitCode": 137, "reason": "Error"}}))
+                .unwrap(),
+        );
+        assert!(matches!(
+            pod_state(&pod, ReadyWhen::Sidecar { port: 9200 }),
+            PodState::Finished(m) if m.contains("vmm") && m.contains("137")
+        ));
     }
 }

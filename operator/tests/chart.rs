@@ -146,6 +146,8 @@ fn operator_rules() -> BTreeSet<(String, String, String)> {
         ("", "pods", "create"),
         ("", "pods", "patch"),
         ("", "pods", "delete"),
+        ("", "pods/status", "patch"),
+        ("", "persistentvolumeclaims", "get"),
         ("", "secrets", "get"),
         ("", "secrets", "create"),
         ("", "secrets", "delete"),
@@ -205,7 +207,9 @@ fn chart_crd_is_the_generated_crd() {
 fn default_install_is_cluster_wide_with_least_privilege_and_leader_election() {
     let docs = render(&[]);
     let cr = find(&docs, "ClusterRole", "rel-faultline").expect("ClusterRole");
-    assert_eq!(rules(cr), operator_rules());
+    let mut want = operator_rules();
+    want.insert(("".into(), "persistentvolumes".into(), "get".into()));
+    assert_eq!(rules(cr), want);
     let crb = find(&docs, "ClusterRoleBinding", "rel-faultline").expect("binding");
     assert_eq!(crb["subjects"][0]["name"], "rel-faultline");
     assert_eq!(crb["subjects"][0]["namespace"], "faultline-system");
@@ -272,6 +276,9 @@ fn values_reach_the_operator() {
     let role = find(&docs, "Role", "rel-faultline").expect("Role");
     assert_eq!(role["metadata"]["namespace"], "vms");
     assert_eq!(rules(role), operator_rules());
+    // Persistent volumes are cluster-scoped: only `get` on them, cluster-wide.
+    let pv = find(&docs, "ClusterRole", "rel-faultline-volumes").expect("volumes ClusterRole");
+    assert_eq!(rules(pv), set(&[("", "persistentvolumes", "get")]));
     assert!(find(&docs, "Role", "rel-faultline-leader-election").is_none());
 
     let run = operator_run(&docs);
@@ -318,13 +325,18 @@ fn notes_show_a_valid_migratable_pod_snippet() {
         volume.empty_dir.is_some(),
         "the socket directory is an emptyDir"
     );
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
     let by_name = |n: &str| {
         spec.containers
             .iter()
+            .chain(spec.init_containers.iter().flatten())
             .find(|c| c.name == n)
             .unwrap_or_else(|| panic!("container {n}"))
     };
     let sidecar = by_name("faultline-sidecar");
+    // A native sidecar, without a liveness probe that could restart it mid-migration.
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert!(sidecar.liveness_probe.is_none());
     assert_eq!(
         sidecar.image.as_deref(),
         Some("ghcr.io/faultline-dev/faultline-sidecar:0.1.0")
@@ -384,6 +396,7 @@ fn examples_use_the_chart_images_and_never_restart_a_vmm() {
     let image = |n: &str| {
         spec.containers
             .iter()
+            .chain(spec.init_containers.iter().flatten())
             .find(|c| c.name == n)
             .and_then(|c| c.image.clone())
             .unwrap_or_else(|| panic!("container {n}"))

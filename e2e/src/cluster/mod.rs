@@ -63,8 +63,8 @@ pub const MOCK_SCENARIOS: &[MockScenario] = &[
     },
     MockScenario {
         test: "an_unschedulable_target_fails_the_migration_after_the_bound",
-        cluster: &[],
-        mock_only: "the bound is 5 minutes by default; the cluster run keeps the chart's defaults",
+        cluster: &["other-node-cordoned"],
+        mock_only: "",
     },
     MockScenario {
         test: "a_target_that_never_becomes_ready_fails_after_the_bound",
@@ -73,13 +73,13 @@ pub const MOCK_SCENARIOS: &[MockScenario] = &[
     },
     MockScenario {
         test: "an_operator_restarted_at_every_step_carries_on",
-        cluster: &[],
-        mock_only: "restarts the reconciler between single API calls, which only an in-process operator allows",
+        cluster: &["leader-killed"],
+        mock_only: "a restart between every single API call, which only an in-process operator allows",
     },
     MockScenario {
         test: "pre_copy_migration_keeps_the_source_pod_when_asked",
-        cluster: &["migrate-precopy"],
-        mock_only: "keepSource itself: the cluster runs the default (the source pod goes)",
+        cluster: &["migrate-precopy", "keep-source-fenced"],
+        mock_only: "",
     },
     MockScenario {
         test: "deleting_during_pre_copy_cancels_and_the_source_keeps_running",
@@ -88,7 +88,10 @@ pub const MOCK_SCENARIOS: &[MockScenario] = &[
     },
     MockScenario {
         test: "deleting_after_the_point_of_no_return_waits_for_completion",
-        cluster: &["delete-after-commit-waits"],
+        cluster: &[
+            "delete-after-commit-waits",
+            "foreground-delete-after-commit",
+        ],
         mock_only: "",
     },
     MockScenario {

@@ -82,6 +82,71 @@ pub const SCENARIOS: &[Scenario] = &[
         run: queued_by_node_limit,
     },
     Scenario {
+        name: "controlled-pods-refused",
+        what: "VM pods of a StatefulSet and a ReplicaSet are refused before anything moves (Migratable=False, ControlledPod); the controller keeps its one pod",
+        run: controlled_pods_refused,
+    },
+    Scenario {
+        name: "unsafe-pods-refused",
+        what: "restartPolicy Always and a hostPath volume are refused before anything moves, with their reasons",
+        run: unsafe_pods_refused,
+    },
+    Scenario {
+        name: "vmm-killed-stays-dead",
+        what: "a VMM killed in a running VM pod is never restarted as a fresh VM; migrating that pod fails at once, saying so",
+        run: vmm_killed_stays_dead,
+    },
+    Scenario {
+        name: "keep-source-fenced",
+        what: "keepSource: the source pod stays, its fenced VMM exited and was never restarted; the VM runs on the target",
+        run: keep_source_fenced,
+    },
+    Scenario {
+        name: "foreground-delete-after-commit",
+        what: "kubectl delete --cascade=foreground after the point of no return: the target (the only VM) survives and the migration completes",
+        run: foreground_delete_after_commit,
+    },
+    Scenario {
+        name: "rejected-by-quota",
+        what: "a ResourceQuota the target exceeds: Failed within the scheduling bound (RejectedByResourceQuota), the source untouched",
+        run: rejected_by_quota,
+    },
+    Scenario {
+        name: "rejected-by-podsecurity",
+        what: "a namespace turned baseline: the privileged target is refused at once (RejectedByPodSecurity), the source untouched",
+        run: rejected_by_podsecurity,
+    },
+    Scenario {
+        name: "placement-a-b-a",
+        what: "a VM migrated to the other node and back again: placement belongs to each migration",
+        run: placement_a_b_a,
+    },
+    Scenario {
+        name: "service-endpoints-follow-the-vm",
+        what: "a Service over the VM: the target joins its endpoints only once the VM runs there",
+        run: service_endpoints_follow_the_vm,
+    },
+    Scenario {
+        name: "memory-charged-within-the-pod",
+        what: "where a migrated VM's pages are charged (measured), and that the pod's limit covers them",
+        run: memory_charged_within_the_pod,
+    },
+    Scenario {
+        name: "other-node-cordoned",
+        what: "the only other node cordoned: Failed after the scheduling bound, the source running",
+        run: other_node_cordoned,
+    },
+    Scenario {
+        name: "leader-killed",
+        what: "the operator's leader killed mid-migration: the standby takes the lease and finishes it",
+        run: leader_killed,
+    },
+    Scenario {
+        name: "network-cut-after-commit",
+        what: "the network between the nodes cut for 6 s in post-copy: it pauses, reconnects by itself and completes, guest verified",
+        run: network_cut_after_commit,
+    },
+    Scenario {
         name: "operator-rbac-clean",
         what: "no 403 in any operator replica's log: the chart's RBAC is what the operator needs",
         run: operator_rbac_clean,
@@ -229,6 +294,11 @@ fn helm_install(c: &Ctx<'_>) -> Result<String> {
         "--namespace",
         OPERATOR_NAMESPACE,
         "--create-namespace",
+        // Bounds short enough for the failure scenarios to reach them.
+        "--set",
+        "timeouts.scheduling=30s",
+        "--set",
+        "timeouts.targetReady=90s",
         "--wait",
         "--timeout",
         "3m",
@@ -691,6 +761,635 @@ fn queued_by_node_limit(c: &Ctx<'_>) -> Result<String> {
     let queued = queued_message.context("no migration was seen queued in Pending")?;
     Ok(format!(
         "at most {most_active} active at once; queued: {queued:?}; all three Succeeded"
+    ))
+}
+
+// --- what may be migrated ------------------------------------------------------------------
+
+/// Waits for a migration to fail before anything moved, and checks it said `reason` in its
+/// `Migratable` (or `TargetReady`) condition and left no target pod.
+fn refused_before_moving(c: &Ctx<'_>, name: &str, condition: &str, reason: &str) -> Result<String> {
+    let m = wait_terminal(c, name, Duration::from_secs(90))?;
+    let msg = s(&m, &["status", "message"]).to_string();
+    ensure!(phase(&m) == "Failed", "ended {}: {msg}", phase(&m));
+    let cond = m["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["type"] == condition)
+        .with_context(|| format!("no {condition} condition: {}", m["status"]))?;
+    ensure!(
+        cond["status"] == "False" && cond["reason"] == reason,
+        "{condition} is {} ({}), not False ({reason})",
+        cond["status"],
+        cond["reason"]
+    );
+    ensure!(m["status"]["committed"] != true, "it committed");
+    no_target_pods(c)?;
+    Ok(msg)
+}
+
+fn controlled_pods_refused(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    let template = vm::variant(&example, &small_vm("ignored", "64M"))?;
+    let mut seen = Vec::new();
+    // Their templates must say restartPolicy Always (the API server insists), which is refused
+    // too; the controller is named first.
+    for (kind, api) in [("StatefulSet", "apps/v1"), ("ReplicaSet", "apps/v1")] {
+        let name = format!("vm-{}", kind.to_ascii_lowercase());
+        let mut spec = template["spec"].clone();
+        spec["restartPolicy"] = json!("Always");
+        let mut obj = json!({
+            "apiVersion": api, "kind": kind,
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": spec}},
+        });
+        if kind == "StatefulSet" {
+            obj["spec"]["serviceName"] = json!(name);
+        }
+        c.kube.apply(&obj.to_string())?;
+        let pod = wait_for(
+            &format!("a pod of {kind} {name}"),
+            Duration::from_secs(60),
+            || {
+                let pods = c
+                    .kube
+                    .list(Some(NAMESPACE), "pods", Some(&format!("app={name}")))?;
+                Ok(match pods.first() {
+                    Some(p) => Ok(s(p, &["metadata", "name"]).to_string()),
+                    None => Err("none yet".into()),
+                })
+            },
+        )?;
+        vm::wait_ready(c.kube, &pod)?;
+        let mig = format!("move-{}", kind.to_ascii_lowercase());
+        c.kube
+            .apply(&migration(&mig, &pod, json!({})).to_string())?;
+        let msg = refused_before_moving(c, &mig, "Migratable", "ControlledPod")?;
+        ensure!(
+            msg.contains(kind),
+            "the message does not name the {kind}: {msg}"
+        );
+        ensure!(
+            c.kube.get(Some(NAMESPACE), "pod", &pod)?.is_some(),
+            "the {kind}'s pod is gone"
+        );
+        let count = c
+            .kube
+            .list(Some(NAMESPACE), "pods", Some(&format!("app={name}")))?
+            .len();
+        ensure!(count == 1, "{count} pods of {kind} {name}");
+        seen.push(format!("{kind}: {msg}"));
+        c.kube.kubectl(&[
+            "delete",
+            &kind.to_ascii_lowercase(),
+            &name,
+            "-n",
+            NAMESPACE,
+            "--wait=false",
+        ])?;
+    }
+    Ok(seen.join(" | "))
+}
+
+fn unsafe_pods_refused(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    let mut restarts = vm::variant(&example, &small_vm("vm-always", "64M"))?;
+    restarts["spec"]["restartPolicy"] = json!("Always");
+    vm::create(c.kube, &restarts)?;
+    c.kube
+        .apply(&migration("move-always", "vm-always", json!({})).to_string())?;
+    let a = refused_before_moving(c, "move-always", "Migratable", "RestartPolicy")?;
+
+    let mut host = vm::variant(&example, &small_vm("vm-hostpath", "64M"))?;
+    host["spec"]["volumes"]
+        .as_array_mut()
+        .context("volumes")?
+        .push(json!({"name": "disk", "hostPath": {"path": "/tmp", "type": "Directory"}}));
+    vm::create(c.kube, &host)?;
+    c.kube
+        .apply(&migration("move-hostpath", "vm-hostpath", json!({})).to_string())?;
+    let b = refused_before_moving(c, "move-hostpath", "Migratable", "HostPathVolume")?;
+    vm::guest_running(c.kube, "vm-hostpath")?;
+    Ok(format!("{a} | {b}"))
+}
+
+// --- restarts --------------------------------------------------------------------------------
+
+fn vmm_killed_stays_dead(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    vm::create(
+        c.kube,
+        &vm::variant(&example, &small_vm("vm-crash", "64M"))?,
+    )?;
+    let killed = vm::kill_container(c.kube, "vm-crash", "vmm")?;
+    let pod = wait_for(
+        "the VMM reported terminated",
+        Duration::from_secs(60),
+        || {
+            let p = c
+                .kube
+                .get(Some(NAMESPACE), "pod", "vm-crash")?
+                .context("the pod is gone")?;
+            Ok(match vm::container_state(&p, "vmm") {
+                Some((_, Some(code))) => Ok((p, code)),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )?;
+    // Give the kubelet time to restart it, which it must not do.
+    std::thread::sleep(Duration::from_secs(5));
+    let p = c
+        .kube
+        .get(Some(NAMESPACE), "pod", "vm-crash")?
+        .context("the pod is gone")?;
+    let (restarts, code) = vm::container_state(&p, "vmm").context("no vmm status")?;
+    ensure!(restarts == 0, "the VMM was restarted {restarts} times");
+    c.kube
+        .apply(&migration("move-crashed", "vm-crash", json!({})).to_string())?;
+    let m = wait_terminal(c, "move-crashed", Duration::from_secs(60))?;
+    let msg = s(&m, &["status", "message"]).to_string();
+    ensure!(phase(&m) == "Failed", "ended {}: {msg}", phase(&m));
+    ensure!(msg.contains("vmm") && msg.contains("terminated"), "{msg}");
+    no_target_pods(c)?;
+    Ok(format!(
+        "{killed} process(es) killed; the VMM exited {} and was not restarted (restarts 0, exit {code:?}); migration: {msg}",
+        pod.1
+    ))
+}
+
+fn keep_source_fenced(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    vm::create(
+        c.kube,
+        &vm::variant(&example, &small_vm("vm-keep", "128M"))?,
+    )?;
+    let mut m = migration("keep", "vm-keep", json!({"mode": "PreCopy"}));
+    m["spec"]["keepSource"] = json!(true);
+    c.kube.apply(&m.to_string())?;
+    let m = wait_terminal(c, "keep", Duration::from_secs(120))?;
+    ensure!(
+        phase(&m) == "Succeeded",
+        "ended {}: {}",
+        phase(&m),
+        s(&m, &["status", "message"])
+    );
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    let src = wait_for(
+        "the fenced source VMM exited",
+        Duration::from_secs(60),
+        || {
+            let p = c
+                .kube
+                .get(Some(NAMESPACE), "pod", "vm-keep")?
+                .context("keepSource, yet the source pod is gone")?;
+            Ok(match vm::container_state(&p, "vmm") {
+                Some((r, Some(code))) => Ok((r, code)),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(5));
+    let p = c
+        .kube
+        .get(Some(NAMESPACE), "pod", "vm-keep")?
+        .context("the source pod is gone")?;
+    let (restarts, _) = vm::container_state(&p, "vmm").context("no vmm status")?;
+    ensure!(
+        restarts == 0,
+        "the fenced VMM was restarted {restarts} times"
+    );
+    let guest = vm::verify_guest(c.kube, &target)?;
+    Ok(format!(
+        "source pod kept, its VMM exited {} after the hand-over and stayed down; {guest}",
+        src.1
+    ))
+}
+
+// --- deletion and admission ------------------------------------------------------------------
+
+fn foreground_delete_after_commit(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    slow_migration(
+        c,
+        "fg-commit",
+        "vm-fg",
+        json!({"mode": "PostCopy", "precopyPasses": 0}),
+    )?;
+    let m = wait_migration(c, "fg-commit", "committed", Duration::from_secs(90), |m| {
+        m["status"]["committed"] == true
+    })?;
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    c.kube.kubectl(&[
+        "delete",
+        "vmmig",
+        "fg-commit",
+        "-n",
+        NAMESPACE,
+        "--cascade=foreground",
+        "--wait=false",
+    ])?;
+    // The garbage collector acts at once on a foreground deletion: give it time to do harm.
+    std::thread::sleep(Duration::from_secs(3));
+    let t = c
+        .kube
+        .get(Some(NAMESPACE), "pod", &target)?
+        .context("the target pod, the only VM, was deleted")?;
+    ensure!(
+        t["metadata"]["deletionTimestamp"].is_null(),
+        "the target pod is being deleted"
+    );
+    vm::wait_gone(
+        c.kube,
+        "virtualmachinemigration",
+        "fg-commit",
+        Duration::from_secs(180),
+    )?;
+    let guest = vm::verify_guest(c.kube, &target)?;
+    Ok(format!(
+        "foreground deletion after the commit point: target kept, migration completed first; {guest}"
+    ))
+}
+
+fn rejected_by_quota(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    let source = vm::create(
+        c.kube,
+        &vm::variant(&example, &small_vm("vm-quota", "64M"))?,
+    )?;
+    // Room for the source, not for a second pod like it.
+    c.kube.apply(
+        &json!({"apiVersion": "v1", "kind": "ResourceQuota",
+                "metadata": {"name": "vm-memory", "namespace": NAMESPACE},
+                "spec": {"hard": {"requests.memory": "400Mi"}}})
+        .to_string(),
+    )?;
+    let started = Instant::now();
+    c.kube
+        .apply(&migration("over-quota", "vm-quota", json!({})).to_string())?;
+    let result = refused_before_moving(c, "over-quota", "TargetReady", "RejectedByResourceQuota");
+    let took = started.elapsed();
+    c.kube
+        .kubectl(&["delete", "resourcequota", "vm-memory", "-n", NAMESPACE])?;
+    let msg = result?;
+    ensure!(msg.contains("exceeded quota"), "{msg}");
+    ensure!(
+        took < Duration::from_secs(75),
+        "took {took:?} against a 30 s bound"
+    );
+    let now = c
+        .kube
+        .get(Some(NAMESPACE), "pod", "vm-quota")?
+        .context("the source is gone")?;
+    ensure!(
+        s(&now, &["metadata", "uid"]) == s(&source, &["metadata", "uid"]),
+        "the source pod was replaced"
+    );
+    let guest = vm::guest_running(c.kube, "vm-quota")?;
+    Ok(format!(
+        "Failed after {:.0} s: {msg}; {guest}",
+        took.as_secs_f64()
+    ))
+}
+
+fn rejected_by_podsecurity(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    vm::create(c.kube, &vm::variant(&example, &small_vm("vm-pss", "64M"))?)?;
+    let label = |level: &str| {
+        c.kube.kubectl(&[
+            "label",
+            "namespace",
+            NAMESPACE,
+            &format!("pod-security.kubernetes.io/enforce={level}"),
+            "--overwrite",
+        ])
+    };
+    label("baseline")?;
+    let started = Instant::now();
+    let result = c
+        .kube
+        .apply(&migration("no-privilege", "vm-pss", json!({})).to_string())
+        .and_then(|_| {
+            refused_before_moving(c, "no-privilege", "TargetReady", "RejectedByPodSecurity")
+        });
+    let took = started.elapsed();
+    label("privileged")?;
+    let msg = result?;
+    ensure!(
+        took < Duration::from_secs(20),
+        "a lasting refusal took {took:?}"
+    );
+    let guest = vm::guest_running(c.kube, "vm-pss")?;
+    Ok(format!(
+        "Failed after {:.0} s: {msg}; {guest}",
+        took.as_secs_f64()
+    ))
+}
+
+// --- placement and Services ------------------------------------------------------------------
+
+fn placement_a_b_a(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    let first = vm::create(c.kube, &vm::variant(&example, &small_vm("vm-aba", "128M"))?)?;
+    let mut pod = "vm-aba".to_string();
+    let mut nodes = vec![vm::node_of(&first)];
+    for leg in ["there", "back"] {
+        let name = format!("aba-{leg}");
+        c.kube
+            .apply(&migration(&name, &pod, json!({"mode": "PreCopy"})).to_string())?;
+        let m = wait_terminal(c, &name, Duration::from_secs(120))?;
+        ensure!(
+            phase(&m) == "Succeeded",
+            "{leg}: ended {}: {}",
+            phase(&m),
+            s(&m, &["status", "message"])
+        );
+        pod = s(&m, &["status", "targetPod"]).to_string();
+        let p = c
+            .kube
+            .get(Some(NAMESPACE), "pod", &pod)?
+            .context("target pod")?;
+        nodes.push(vm::node_of(&p));
+    }
+    ensure!(
+        nodes[0] == nodes[2] && nodes[0] != nodes[1],
+        "the VM went {nodes:?}"
+    );
+    let guest = vm::verify_guest(c.kube, &pod)?;
+    Ok(format!(
+        "{} → {} → {}; {guest}",
+        nodes[0], nodes[1], nodes[2]
+    ))
+}
+
+fn endpoints(c: &Ctx<'_>, service: &str) -> Result<Vec<String>> {
+    let slices = c.kube.list(
+        Some(NAMESPACE),
+        "endpointslices",
+        Some(&format!("kubernetes.io/service-name={service}")),
+    )?;
+    Ok(slices
+        .iter()
+        .flat_map(|sl| sl["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["conditions"]["ready"] == true)
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect())
+}
+
+fn service_endpoints_follow_the_vm(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    c.kube.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "vm-svc", "namespace": NAMESPACE},
+                "spec": {"selector": {"app.kubernetes.io/name": "faultline-vm"},
+                         "ports": [{"port": 80, "targetPort": 9180}]}})
+        .to_string(),
+    )?;
+    let source = slow_migration(c, "svc-move", "vm-svc", json!({"mode": "PreCopy"}))?;
+    let src_ip = s(&source, &["status", "podIP"]).to_string();
+    let m = wait_migration(c, "svc-move", "in pre-copy", Duration::from_secs(90), |m| {
+        phase(m) == "PreCopy"
+    })?;
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    let t = c
+        .kube
+        .get(Some(NAMESPACE), "pod", &target)?
+        .context("target pod")?;
+    let tgt_ip = s(&t, &["status", "podIP"]).to_string();
+    let during = endpoints(c, "vm-svc")?;
+    ensure!(
+        during.contains(&src_ip) && !during.contains(&tgt_ip),
+        "during pre-copy the endpoints are {during:?} (source {src_ip}, target {tgt_ip})"
+    );
+    let m = wait_terminal(c, "svc-move", Duration::from_secs(180))?;
+    ensure!(
+        phase(&m) == "Succeeded",
+        "ended {}: {}",
+        phase(&m),
+        s(&m, &["status", "message"])
+    );
+    let after = wait_for(
+        "the target in the endpoints",
+        Duration::from_secs(30),
+        || {
+            let e = endpoints(c, "vm-svc")?;
+            Ok(if e == [tgt_ip.clone()] {
+                Ok(e)
+            } else {
+                Err(format!("{e:?}"))
+            })
+        },
+    )?;
+    c.kube
+        .kubectl(&["delete", "service", "vm-svc", "-n", NAMESPACE])?;
+    Ok(format!(
+        "endpoints during pre-copy {during:?}, after {after:?}: the target joined only once its VM ran"
+    ))
+}
+
+fn memory_charged_within_the_pod(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    let pod = vm::variant(
+        &example,
+        &VmVariant {
+            prefill: true,
+            ..small_vm("vm-mem", "512M")
+        },
+    )?;
+    vm::create(c.kube, &pod)?;
+    let (before, limit) = vm::memory_charges(c.kube, "vm-mem")?;
+    c.kube.apply(
+        &migration(
+            "mem-move",
+            "vm-mem",
+            json!({"mode": "PostCopy", "precopyPasses": 1}),
+        )
+        .to_string(),
+    )?;
+    let m = wait_terminal(c, "mem-move", Duration::from_secs(120))?;
+    ensure!(
+        phase(&m) == "Succeeded",
+        "ended {}: {}",
+        phase(&m),
+        s(&m, &["status", "message"])
+    );
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    let (after, tlimit) = vm::memory_charges(c.kube, &target)?;
+    let total: u64 = after.iter().map(|(_, b)| b).sum();
+    ensure!(
+        total >= 512 << 20,
+        "the target's containers hold {total} bytes, less than the guest's 512 MiB"
+    );
+    ensure!(
+        tlimit >= total && limit == tlimit,
+        "pod limits {limit}/{tlimit} for {total} bytes"
+    );
+    let mib = |v: &[(String, u64)]| {
+        v.iter()
+            .map(|(n, b)| format!("{n} {} MiB", b >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    vm::verify_guest(c.kube, &target)?;
+    Ok(format!(
+        "512 MiB guest: on the source {}; on the target {}; pod limit {} MiB",
+        mib(&before),
+        mib(&after),
+        tlimit >> 20
+    ))
+}
+
+// --- failures ----------------------------------------------------------------------------------
+
+fn other_node_cordoned(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    let example = vm::example(c.kube, c.repo)?;
+    let source = vm::create(
+        c.kube,
+        &vm::variant(&example, &small_vm("vm-cordon", "64M"))?,
+    )?;
+    let here = vm::node_of(&source);
+    let other = if here == "node-a" { "node-b" } else { "node-a" };
+    c.kube.kubectl(&["cordon", other])?;
+    let started = Instant::now();
+    let result = c
+        .kube
+        .apply(&migration("nowhere", "vm-cordon", json!({})).to_string())
+        .and_then(|_| wait_terminal(c, "nowhere", Duration::from_secs(120)));
+    let took = started.elapsed();
+    c.kube.kubectl(&["uncordon", other])?;
+    let m = result?;
+    let msg = s(&m, &["status", "message"]).to_string();
+    ensure!(phase(&m) == "Failed", "ended {}: {msg}", phase(&m));
+    ensure!(msg.contains("could not be scheduled"), "{msg}");
+    ensure!(
+        took >= Duration::from_secs(30),
+        "failed after {took:?}, before the 30 s bound"
+    );
+    no_target_pods(c)?;
+    let guest = vm::guest_running(c.kube, "vm-cordon")?;
+    Ok(format!(
+        "{other} cordoned: Failed after {:.0} s: {msg}; {guest}",
+        took.as_secs_f64()
+    ))
+}
+
+fn leader_killed(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    slow_migration(c, "lead", "vm-lead", json!({"mode": "PreCopy"}))?;
+    wait_migration(c, "lead", "in pre-copy", Duration::from_secs(90), |m| {
+        phase(m) == "PreCopy"
+    })?;
+    let lease = c
+        .kube
+        .get(Some(OPERATOR_NAMESPACE), "lease", RELEASE)?
+        .context("no lease")?;
+    let leader = s(&lease, &["spec", "holderIdentity"]).to_string();
+    c.kube.kubectl(&[
+        "delete",
+        "pod",
+        &leader,
+        "-n",
+        OPERATOR_NAMESPACE,
+        "--grace-period=0",
+        "--force",
+    ])?;
+    let next = wait_for("another leader", Duration::from_secs(90), || {
+        let l = c.kube.get(Some(OPERATOR_NAMESPACE), "lease", RELEASE)?;
+        let h = l
+            .as_ref()
+            .map(|l| s(l, &["spec", "holderIdentity"]).to_string())
+            .unwrap_or_default();
+        Ok(if !h.is_empty() && h != leader {
+            Ok(h)
+        } else {
+            Err(h)
+        })
+    })?;
+    let m = wait_terminal(c, "lead", Duration::from_secs(240))?;
+    ensure!(
+        phase(&m) == "Succeeded",
+        "ended {}: {}",
+        phase(&m),
+        s(&m, &["status", "message"])
+    );
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    let guest = vm::verify_guest(c.kube, &target)?;
+    // The Deployment replaces the killed replica; wait, so later scenarios have two again.
+    wait_for(
+        "two operator replicas again",
+        Duration::from_secs(90),
+        || {
+            let d = c
+                .kube
+                .get(Some(OPERATOR_NAMESPACE), "deployment", RELEASE)?;
+            let ready = d
+                .map(|d| d["status"]["readyReplicas"].as_u64().unwrap_or(0))
+                .unwrap_or(0);
+            Ok(if ready == 2 {
+                Ok(())
+            } else {
+                Err(format!("{ready} ready"))
+            })
+        },
+    )?;
+    Ok(format!(
+        "leader {leader} killed in pre-copy; {next} took over and finished it; {guest}"
+    ))
+}
+
+fn network_cut_after_commit(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    slow_migration(
+        c,
+        "cut",
+        "vm-cut",
+        json!({"mode": "PostCopy", "precopyPasses": 0}),
+    )?;
+    let m = wait_migration(c, "cut", "committed", Duration::from_secs(90), |m| {
+        m["status"]["committed"] == true
+    })?;
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    let cluster = c.repo.join("e2e/cluster");
+    let run = |what: &str| -> Result<()> {
+        let st = std::process::Command::new(&cluster)
+            .arg(what)
+            .status()
+            .with_context(|| format!("running e2e/cluster {what}"))?;
+        ensure!(st.success(), "e2e/cluster {what} failed");
+        Ok(())
+    };
+    run("partition")?;
+    std::thread::sleep(Duration::from_secs(6));
+    let mid = get_migration(c, "cut")?.context("the migration is gone")?;
+    run("heal")?;
+    ensure!(
+        !is_terminal(&mid) || phase(&mid) == "Succeeded",
+        "during the cut: {}",
+        mid["status"]
+    );
+    let m = wait_terminal(c, "cut", Duration::from_secs(240))?;
+    ensure!(
+        phase(&m) == "Succeeded",
+        "ended {}: {}",
+        phase(&m),
+        s(&m, &["status", "message"])
+    );
+    let reconnects = m["status"]["progress"]["reconnects"].as_u64().unwrap_or(0);
+    let guest = vm::verify_guest(c.kube, &target)?;
+    Ok(format!(
+        "cut for 6 s after the commit point ({} then): completed with {reconnects} reconnect(s); {guest}",
+        phase(&mid)
     ))
 }
 

@@ -31,8 +31,8 @@ pub struct VmVariant<'a> {
     pub prefill: bool,
 }
 
-/// The example pod with the variant's name, memory (and a memory request that covers it),
-/// backing and node.
+/// The example pod with the variant's name, memory (and pod memory that covers it), backing
+/// and node.
 pub fn variant(example: &Value, v: &VmVariant<'_>) -> Result<Value> {
     let mut pod = example.clone();
     pod["metadata"]["name"] = json!(v.name);
@@ -59,7 +59,10 @@ pub fn variant(example: &Value, v: &VmVariant<'_>) -> Result<Value> {
         args.push(json!("--prefill"));
     }
     let mib = parse_mib(v.memory)?;
-    vmm["resources"]["requests"]["memory"] = json!(format!("{}Mi", mib + 76));
+    // As the example does: the pod's memory covers guest RAM and both processes, whichever
+    // container the pages are charged to.
+    pod["spec"]["resources"]["requests"]["memory"] = json!(format!("{}Mi", mib + 176));
+    pod["spec"]["resources"]["limits"]["memory"] = json!(format!("{}Mi", mib + 376));
     if let Some(node) = v.node {
         pod["spec"]["nodeName"] = json!(node);
     }
@@ -258,4 +261,130 @@ pub fn reset(kube: &Kube) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Kills every process of one container of a pod with SIGKILL, as a crash or the OOM killer
+/// would: the host sees them in the container's cgroup (the nodes share this machine).
+pub fn kill_container(kube: &Kube, pod: &str, container: &str) -> Result<usize> {
+    let p = kube
+        .get(Some(NAMESPACE), "pod", pod)?
+        .with_context(|| format!("pod {pod} does not exist"))?;
+    let id = p["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            p["status"]["initContainerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
+        .find(|c| c["name"] == container)
+        .and_then(|c| c["containerID"].as_str())
+        .and_then(|id| id.split("://").nth(1))
+        .with_context(|| format!("pod {pod} has no running container {container}"))?
+        .to_string();
+    let mut killed = 0;
+    for dir in find_dirs(Path::new("/sys/fs/cgroup/pids"), &id, 8) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .with_context(|| format!("reading {}", dir.display()))?;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) with a pid read from the container's own cgroup and SIGKILL;
+            // no memory is shared with the target process.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    ensure!(
+        killed > 0,
+        "no process of {pod}/{container} ({id}) found to kill"
+    );
+    Ok(killed)
+}
+
+/// Directories named `name` below `root`, at most `depth` levels down.
+fn find_dirs(root: &Path, name: &str, depth: usize) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if e.file_name() == name {
+            found.push(path);
+        } else if depth > 0 {
+            found.extend(find_dirs(&path, name, depth - 1));
+        }
+    }
+    found
+}
+
+/// What a container of a pod has been: its restart count and, if it stopped, its exit code.
+pub fn container_state(pod: &Value, container: &str) -> Option<(u64, Option<i64>)> {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            pod["status"]["initContainerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
+        .find(|c| c["name"] == container)
+        .map(|c| {
+            (
+                c["restartCount"].as_u64().unwrap_or(0),
+                c["state"]["terminated"]["exitCode"].as_i64(),
+            )
+        })
+}
+
+/// Memory charged to each container of a pod (memory cgroup v1 usage), and the pod's limit:
+/// where the pages of a VM land.
+pub fn memory_charges(kube: &Kube, pod: &str) -> Result<(Vec<(String, u64)>, u64)> {
+    let p = kube
+        .get(Some(NAMESPACE), "pod", pod)?
+        .with_context(|| format!("pod {pod} does not exist"))?;
+    let uid = s(&p, &["metadata", "uid"]).to_string();
+    let pod_dir = find_dirs(Path::new("/sys/fs/cgroup/memory"), &format!("pod{uid}"), 6)
+        .into_iter()
+        .next()
+        .with_context(|| format!("no memory cgroup for pod {pod}"))?;
+    let read = |path: &Path| -> Result<u64> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} holds {text:?}", path.display()))
+    };
+    let mut out = Vec::new();
+    for c in p["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            p["status"]["initContainerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
+    {
+        let Some(id) = c["containerID"]
+            .as_str()
+            .and_then(|i| i.split("://").nth(1))
+        else {
+            continue;
+        };
+        let dir = pod_dir.join(id);
+        if dir.is_dir() {
+            let name = c["name"].as_str().unwrap_or("?").to_string();
+            out.push((name, read(&dir.join("memory.usage_in_bytes"))?));
+        }
+    }
+    Ok((out, read(&pod_dir.join("memory.limit_in_bytes"))?))
 }

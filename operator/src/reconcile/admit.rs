@@ -32,7 +32,7 @@ impl Reconciler<'_> {
                 .fail_plain(mig, format!("source pod {src_name} not found"))
                 .await;
         };
-        match pods::pod_state(&source) {
+        match pods::pod_state(&source, pods::ReadyWhen::Pod) {
             PodState::Ready => {}
             PodState::Finished(why) | PodState::Unschedulable(why) => {
                 return self
@@ -70,16 +70,16 @@ impl Reconciler<'_> {
                     .await;
             }
         };
-        let labels = source.labels();
-        if labels.get(pods::LABEL_ROLE).is_some_and(|r| r == "target")
-            && let Some(other) = labels.get(pods::LABEL_MIGRATION_UID)
-            && pods::controlled_by(&source, other)
+
+        let claims = self.claims_of(&source).await?;
+        if let Err(problems) =
+            migratable::check(&source, &claims, mig.spec.target.avoid_source_node)
         {
-            return self
-                .stall(mig, format!(
-                    "source pod {src_name} is still the target of an unfinished migration (uid {other})"
-                ))
-                .await;
+            let (reason, msg) = migratable::summarize(&problems);
+            let mut s = mig.status.clone().unwrap_or_default();
+            self.set_condition(&mut s, condition::MIGRATABLE, false, reason, &msg);
+            let mig = self.write_status(&mig, s).await?;
+            return self.fail_plain(mig, msg).await;
         }
 
         // Concurrency: count under the lock, and keep holding it until this migration's
@@ -91,6 +91,18 @@ impl Reconciler<'_> {
         };
         let list = all.list(&Default::default()).await?;
         let uid = mig.uid().unwrap_or_default();
+        if let Some(other) = pods::is_unfinished_target(&source)
+            && let Some(m) = list.items.iter().find(|m| {
+                m.uid().as_deref() == Some(other) && m.phase().is_some_and(Phase::is_active)
+            })
+        {
+            let why = format!(
+                "source pod {src_name} is still the target of migration {}, which has not finished",
+                m.name_any()
+            );
+            drop(slot);
+            return self.stall(mig, why).await;
+        }
         let me = admission::Candidate {
             uid: &uid,
             namespace: self.ns,
@@ -181,6 +193,13 @@ impl Reconciler<'_> {
         s.secret_name = Some(pods::secret_name(&uid));
         s.start_time = Some(Time(self.now()));
         s.waiting_since = None;
+        self.set_condition(
+            &mut s,
+            condition::MIGRATABLE,
+            true,
+            "Migratable",
+            "nothing in the pod's spec stops a migration",
+        );
         self.set_condition(
             &mut s,
             condition::ADMITTED,

@@ -4,6 +4,56 @@
 use super::*;
 
 impl Reconciler<'_> {
+    /// The claims a pod mounts and the volumes they are bound to, for the migratability check.
+    pub(super) async fn claims_of(
+        &self,
+        pod: &Pod,
+    ) -> Result<BTreeMap<String, migratable::Claim>, Error> {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.ctx.client.clone(), self.ns);
+        let volumes: Api<PersistentVolume> = Api::all(self.ctx.client.clone());
+        let mut out = BTreeMap::new();
+        let names = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter_map(|v| v.persistent_volume_claim.as_ref())
+            .map(|c| c.claim_name.clone());
+        for name in names {
+            let claim = claims.get_opt(&name).await?;
+            let bound = claim
+                .as_ref()
+                .and_then(|c| c.spec.as_ref())
+                .and_then(|s| s.volume_name.clone());
+            let volume = match bound {
+                Some(v) => volumes.get_opt(&v).await?,
+                None => None,
+            };
+            out.insert(name, migratable::Claim { claim, volume });
+        }
+        Ok(out)
+    }
+
+    /// Sets the target pod's readiness gate: the VM runs there, so it may serve (a strategic
+    /// merge, so the kubelet's own conditions stay).
+    pub(super) async fn mark_vm_running(&self, pod: &str) -> Result<(), Error> {
+        let patch = json!({"status": {"conditions": [{
+            "type": pods::CONDITION_VM_RUNNING,
+            "status": "True",
+            "reason": "VmRunning",
+            "message": "the migrated VM runs in this pod",
+            "lastTransitionTime": Time(self.now()),
+        }]}});
+        match self
+            .pods
+            .patch_status(pod, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub(super) async fn delete_pod(&self, name: &str, uid: Option<String>) -> Result<(), Error> {
         let dp = DeleteParams {
             preconditions: uid.map(|uid| Preconditions {

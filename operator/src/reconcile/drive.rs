@@ -108,6 +108,10 @@ impl Reconciler<'_> {
         n.waiting_since = None;
         let newly_committed = committed && !s.committed;
         if newly_committed {
+            // The VM resumes on the target now: it may serve from there.
+            if let Some(t) = &s.target_pod {
+                self.mark_vm_running(t).await?;
+            }
             n.committed = true;
             n.commit_time = Some(Time(now));
             self.set_condition(
@@ -183,7 +187,7 @@ impl Reconciler<'_> {
             Some(p) if p.uid() != s.target_pod_uid => {
                 Some(format!("target pod {name} was replaced"))
             }
-            Some(p) => match pods::pod_state(&p) {
+            Some(p) => match pods::pod_state(&p, pods::ReadyWhen::Pod) {
                 PodState::Finished(why) => Some(format!("target pod {name} stopped: {why}")),
                 PodState::Terminating => Some(format!("target pod {name} is being deleted")),
                 _ => None,

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use faultline::sidecar_api::{self, MigrationStatus, NodeInfo, Role, StartMigration};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -53,6 +55,7 @@ use crate::decide::{
     strip_time, validate_spec,
 };
 use crate::metrics::Metrics;
+use crate::migratable;
 use crate::pods::{self, PodState};
 use crate::sidecar::{SidecarClient, SidecarError};
 

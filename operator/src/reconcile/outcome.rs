@@ -19,23 +19,18 @@ impl Reconciler<'_> {
             .get_opt(&src_name)
             .await?
             .filter(|p| p.uid() == s.source_pod_uid);
-        // Hand the target pod to whatever owned the source pod, so the migration's deletion
-        // does not take the VM's new home with it.
+        // The target pod is the VM's home from now on: ready for Services, no longer a target.
         if let Some(target_name) = &s.target_pod
             && let Some(target) = self.pods.get_opt(target_name).await?
-            && pods::controlled_by(&target, &uid)
+            && pods::is_target_of(&target, &uid)
         {
-            let owners: Vec<OwnerReference> = source
-                .as_ref()
-                .and_then(|p| p.metadata.owner_references.clone())
-                .unwrap_or_default();
-            let patch = json!({"metadata": {
-                "ownerReferences": owners,
-                "labels": {pods::LABEL_ROLE: null},
-            }});
-            self.pods
-                .patch(target_name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            self.mark_vm_running(target_name).await?;
+            if pods::is_unfinished_target(&target).is_some() {
+                let patch = json!({"metadata": {"labels": {pods::LABEL_ROLE: null}}});
+                self.pods
+                    .patch(target_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
         }
         if !mig.spec.keep_source
             && let Some(src) = &source
@@ -169,7 +164,7 @@ impl Reconciler<'_> {
         if let Some(name) = &s.target_pod
             && let Some(p) = self.pods.get_opt(name).await?
             && pods::is_target_of(&p, &mig.uid().unwrap_or_default())
-            && pods::controlled_by(&p, &mig.uid().unwrap_or_default())
+            && pods::is_unfinished_target(&p).is_some()
         {
             self.delete_pod(name, p.uid()).await?;
         }

@@ -443,6 +443,7 @@ impl Cluster {
                          "labels": {"app": "web", "vm": name}},
             "spec": {
                 "nodeName": node,
+                "restartPolicy": "Never",
                 "volumes": [{"name": "faultline-run", "emptyDir": {}}],
                 "containers": [
                     {"name": "vmm", "image": "faultline-vmm:test", "args": args, "env": env,
@@ -964,6 +965,22 @@ async fn serve(store: &Arc<Mutex<Store>>, req: Request<Body>) -> Response<Body> 
             }
             if status {
                 patch = json!({"status": patch["status"].clone()});
+                // Pod conditions merge by type (the strategic merge the operator sends).
+                if plural == "pods"
+                    && let Some(new) = patch["status"]["conditions"].as_array().cloned()
+                {
+                    let mut conds = obj["status"]["conditions"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    for c in new {
+                        match conds.iter_mut().find(|o| o["type"] == c["type"]) {
+                            Some(o) => *o = c,
+                            None => conds.push(c),
+                        }
+                    }
+                    patch["status"]["conditions"] = Value::Array(conds);
+                }
             } else if plural != "events" {
                 // The main resource ignores status changes.
                 if let Some(p) = patch.as_object_mut() {

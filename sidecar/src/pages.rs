@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use faultline::bitmap::PageBitmap;
 use faultline::guest_memory::{GuestMemory, is_zero};
 use faultline::layout::PAGE_SIZE;
-use faultline::wire::{PageEntry, PagesBatch, WireError};
+use faultline::page_batch::PageEntry;
+use faultline::page_batch::PagesBatch;
+use faultline::wire::WireError;
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch: 256 KiB of data at most, small enough that a fault reply queued behind a
@@ -160,12 +162,11 @@ impl<'a> PageSender<'a> {
                 }
             }
         }
-        let data_bytes = (parts.len() * PAGE) as u64;
-        PagesBatch::write_parts(w, &entries, &parts)?;
+        let bytes = PagesBatch::write_parts(w, &entries, &parts)?;
         Ok(Sent {
             pages: pages.len() as u64,
             zero,
-            bytes: data_bytes + 8 * pages.len() as u64 + 24,
+            bytes,
         })
     }
 }

@@ -17,6 +17,7 @@ use faultline::guest_memory::GuestMemory;
 use faultline::layout::PAGE_SIZE;
 use faultline::sidecar_api::{Mode, Phase, Policy};
 use faultline::vmm_protocol::VmmClient;
+use faultline::vmm_protocol::messages::CapabilityName;
 use faultline::wire::frame::{FrameReader, FrameType};
 use faultline::wire::handshake::{self, Channel};
 use faultline::wire::{Control, FaultRequest, Needed, SwitchOver, WireError, layout_digest};
@@ -46,7 +47,7 @@ pub fn run(sidecar: &Arc<Sidecar>, m: &Arc<Migration>) -> Result<(), Stop> {
     let total = mem.total_pages();
     m.counters.total_pages.store(total, Ordering::Relaxed);
     m.counters.remaining_pages.store(total, Ordering::Relaxed);
-    let dirty_log = hello.capability("dirty-log").is_some_and(|c| c.available);
+    let dirty_log = hello.has(CapabilityName::DirtyLog);
 
     let peer = m
         .peer

@@ -12,7 +12,7 @@ use faultline::sidecar_api::{
     GuestHealth, LatencySummary, MigrationStatus, Phase, Policy, Progress, Role, StartMigration,
     VmInfo,
 };
-use faultline::trap::TrapBackend;
+use faultline::trap::Backend as TrapBackend;
 use faultline::vmm_protocol::VmmClient;
 use faultline::vmm_protocol::messages::HelloReply;
 use faultline::wire::{LayoutDigest, Secret};

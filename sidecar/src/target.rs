@@ -16,17 +16,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use faultline::guest_memory::GuestMemory;
 use faultline::layout::BackingKind;
-use faultline::postcopy::{FaultOutcome, Installed, Installer, Trap, TrapKind};
-use faultline::sidecar_api::{Mode, Phase, TrapChoice};
+use faultline::page_batch::PagesBatch;
+use faultline::postcopy::{FaultOutcome, Installed, Installer};
+use faultline::sidecar_api::{Mode, Phase};
 use faultline::sys::uffd::{Event, Userfaultfd};
-use faultline::trap::TrapBackend;
+use faultline::trap::{Armed, Backend};
 use faultline::vmm_protocol::VmmClient;
 use faultline::vmm_protocol::messages::{Event as VmmEvent, HelloReply, UffdMode};
 use faultline::wire::frame::{FrameReader, FrameType};
 use faultline::wire::handshake::Channel;
-use faultline::wire::{
-    Control, FaultRequest, Needed, PagesBatch, SwitchOver, WireError, layout_digest,
-};
+use faultline::wire::{Control, FaultRequest, Needed, SwitchOver, WireError, layout_digest};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::engine::{Link, Stop};
@@ -169,52 +168,49 @@ impl Target<'_> {
         mt.zero_pages.get_or_create(&self.role).inc_by(zero);
     }
 
-    /// Picks and arms the trap the source's plan needs, or says why there is none. For KVM
-    /// Userfault, also returns the connection the VMM reports faults on.
-    fn arm_trap(&mut self, postcopy: bool) -> Result<(Trap, Option<VmmClient>), String> {
+    /// Picks (by the core's one rule, on what this VMM offers) and arms the trap the source's
+    /// plan needs. `Ok(None)` when none is needed or a hybrid migration falls back to pre-copy.
+    /// For KVM Userfault, also returns the connection the VMM reports faults on.
+    fn arm_trap(
+        &mut self,
+        mode: Mode,
+        postcopy: bool,
+    ) -> Result<(Option<Armed>, Option<VmmClient>), String> {
         if !postcopy {
-            return Ok((Trap::None, None));
+            return Ok((None, None));
         }
-        let uffd_cap = self.hello.capability("userfaultfd").cloned();
-        let kvm_cap = self.hello.capability("kvm-userfault").cloned();
-        let uffd_ok = uffd_cap.as_ref().is_some_and(|c| c.available);
-        let kvm_ok = kvm_cap.as_ref().is_some_and(|c| c.available);
         let backing = self.hello.layout.regions[0].backing;
-        let offered = format!(
-            "{backing} memory here offers userfaultfd {}, kvm-userfault {}",
-            describe(uffd_cap.as_ref()),
-            describe(kvm_cap.as_ref())
-        );
-        // userfaultfd also catches the VMM's and KVM's own accesses, so it is preferred where
-        // it works; guest_memfd is reached by vCPUs without a host address, which only KVM
-        // Userfault traps.
-        let use_kvm = match self.m.policy.trap {
-            TrapChoice::KvmUserfault if kvm_ok => true,
-            TrapChoice::Userfaultfd if uffd_ok => false,
-            TrapChoice::Auto if backing == BackingKind::GuestMemfd && kvm_ok => true,
-            TrapChoice::Auto if uffd_ok => false,
-            TrapChoice::Auto if kvm_ok => true,
-            choice => {
-                return Err(format!(
-                    "no usable trap mechanism ({choice:?} requested): {offered}"
-                ));
+        let choice =
+            faultline::trap::choose(self.m.policy.trap, mode, backing, &self.hello.trap_offers())
+                .map_err(|e| e.to_string())?;
+        match choice.backend {
+            None => {
+                tracing::warn!(
+                    "post-copy unavailable, offering pre-copy only: {}",
+                    choice.reason
+                );
+                self.m
+                    .set_message(format!("post-copy unavailable: {}", choice.reason));
+                Ok((None, None))
             }
-        };
-        if use_kvm {
-            let mut events = VmmClient::connect(&self.sidecar.vmm_socket)
-                .map_err(|e| format!("cannot open the VMM's event connection: {e}"))?;
-            let (reply, fd) = events
-                .kvm_userfault_arm()
-                .map_err(|e| format!("the VMM could not arm KVM Userfault: {e}"))?;
-            let bitmap = faultline::kvm_userfault::UserfaultBitmap::open_shared(fd, reply.pages)
-                .map_err(|e| format!("cannot map the VMM's userfault bitmap: {e}"))?;
-            Ok((Trap::KvmUserfault(bitmap), Some(events)))
-        } else {
-            let (_, fd) = self
-                .vmm
-                .userfaultfd_register(UffdMode::Missing)
-                .map_err(|e| format!("the VMM could not register RAM with userfaultfd: {e}"))?;
-            Ok((Trap::Userfaultfd(Userfaultfd::from(fd)), None))
+            Some(Backend::KvmUserfault) => {
+                let mut events = VmmClient::connect(&self.sidecar.vmm_socket)
+                    .map_err(|e| format!("cannot open the VMM's event connection: {e}"))?;
+                let (reply, fd) = events
+                    .kvm_userfault_arm()
+                    .map_err(|e| format!("the VMM could not arm KVM Userfault: {e}"))?;
+                let bitmap =
+                    faultline::trap::kvm_userfault::UserfaultBitmap::open_shared(fd, reply.pages)
+                        .map_err(|e| format!("cannot map the VMM's userfault bitmap: {e}"))?;
+                Ok((Some(Armed::KvmUserfault(bitmap)), Some(events)))
+            }
+            Some(Backend::Userfaultfd) => {
+                let (_, fd) = self
+                    .vmm
+                    .userfaultfd_register(UffdMode::Missing)
+                    .map_err(|e| format!("the VMM could not register RAM with userfaultfd: {e}"))?;
+                Ok((Some(Armed::Userfaultfd(Userfaultfd::from(fd))), None))
+            }
         }
     }
 
@@ -244,15 +240,8 @@ impl Target<'_> {
                 self.total
             )));
         }
-        let (trap, events) = match self.arm_trap(postcopy) {
+        let (trap, events) = match self.arm_trap(mode, postcopy) {
             Ok(t) => t,
-            // A hybrid migration may fall back to pre-copy; the source decides, told by a
-            // ready without a trap.
-            Err(why) if mode == Mode::Hybrid => {
-                tracing::warn!("post-copy unavailable, offering pre-copy only: {why}");
-                m.set_message(format!("post-copy unavailable: {why}"));
-                (Trap::None, None)
-            }
             Err(why) => {
                 let _ = Control::Cancel {
                     reason: why.clone(),
@@ -262,11 +251,7 @@ impl Target<'_> {
             }
         };
         let installer = Arc::new(Installer::new(mem, trap));
-        let trap = match installer.trap() {
-            TrapKind::None => None,
-            TrapKind::UserfaultfdMissing => Some(TrapBackend::Userfaultfd),
-            TrapKind::KvmUserfault => Some(TrapBackend::KvmUserfault),
-        };
+        let trap = installer.trap();
         m.set_trap(trap);
         if precopy
             && !self
@@ -382,17 +367,17 @@ impl Target<'_> {
             writer = self.postcopy(&installer, events, (reader, writer), urgent, conns)?;
         }
         match installer.trap() {
-            TrapKind::UserfaultfdMissing => {
+            Some(Backend::Userfaultfd) => {
                 self.vmm
                     .userfaultfd_disarm()
                     .context("cannot disarm the userfaultfd")?;
             }
-            TrapKind::KvmUserfault => {
+            Some(Backend::KvmUserfault) => {
                 self.vmm
                     .kvm_userfault_disarm()
                     .context("cannot disarm KVM Userfault")?;
             }
-            TrapKind::None => {}
+            None => {}
         }
         let faults = m.counters.faults.load(Ordering::Relaxed);
         Control::Complete { faults }.write(&mut writer)?;
@@ -729,13 +714,5 @@ impl Target<'_> {
         let until = Instant::now() + Duration::from_millis(500);
         while Instant::now() < until && reader.read().is_ok() {}
         Ok(())
-    }
-}
-
-fn describe(cap: Option<&faultline::vmm_protocol::messages::Capability>) -> String {
-    match cap {
-        Some(c) if c.available => "available".into(),
-        Some(c) => format!("unavailable ({})", c.reason.clone().unwrap_or_default()),
-        None => "not offered by the VMM".into(),
     }
 }

@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use faultline::local::{SidecarProcess, VmmProcess};
 use faultline::sidecar_api::{MigrationStatus, Mode, Phase, Policy, Role, StartMigration};
 use faultline::vmm_protocol::messages::{VmState, VmStatus};
 use faultline::wire::Secret;
+use faultline_local::{SidecarProcess, VmmProcess};
 
 fn kvm_available() -> bool {
-    faultline::local::kvm_or_skip()
+    faultline_local::kvm_or_skip()
 }
 
 struct Side {

@@ -23,10 +23,11 @@ use std::sync::{Arc, Mutex};
 
 use crate::bitmap::PageBitmap;
 use crate::guest_memory::{GuestMemory, GuestMemoryError};
-use crate::kvm_userfault::UserfaultBitmap;
 use crate::layout::{BackingKind, PAGE_SIZE};
+use crate::page_batch::PagesBatch;
+use crate::sync::lock;
 use crate::sys::uffd::{UffdError, Userfaultfd};
-use crate::wire::PagesBatch;
+use crate::trap::{Armed, Backend, TrapError};
 
 use super::page_states::PageStates;
 
@@ -41,42 +42,26 @@ pub enum Installed {
     Yes { waited: bool },
 }
 
-/// How the target traps first accesses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrapKind {
-    /// No trap: pre-copy only; every page must be valid before the VM resumes.
-    None,
-    /// userfaultfd in missing mode on the VMM's mapping.
-    UserfaultfdMissing,
-    /// KVM Userfault: a marked page makes a vCPU exit; installing clears its mark.
-    KvmUserfault,
-}
-
-/// The armed trap an installer works with.
-pub enum Trap {
-    None,
-    /// A userfaultfd with the VMM's RAM registered in missing mode.
-    Userfaultfd(Userfaultfd),
-    /// The VMM's KVM Userfault bitmap, shared with it (every page marked when armed).
-    KvmUserfault(UserfaultBitmap),
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error(transparent)]
     Memory(#[from] GuestMemoryError),
     #[error(transparent)]
     Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Trap(#[from] TrapError),
     #[error("{0} pages are not valid at switch-over and there is no trap to fetch them")]
     InvalidWithoutTrap(u64),
     #[error("preallocating target memory failed: {0}")]
     Preallocation(String),
 }
 
+/// Installs pages into the target VMM's memory (see the module documentation).
 pub struct Installer {
     mem: Arc<GuestMemory>,
-    uffd: Option<Userfaultfd>,
-    userfault: Option<UserfaultBitmap>,
+    /// The armed trap; `None` for a pre-copy-only migration, where every page must be valid
+    /// before the VM resumes.
+    trap: Option<Armed>,
     states: PageStates,
     /// Pages holding pre-copied data in the target (written into the file, or created in the
     /// VMM's anonymous memory).
@@ -88,22 +73,16 @@ pub struct Installer {
 }
 
 impl Installer {
-    pub fn new(mem: GuestMemory, trap: Trap) -> Self {
+    pub fn new(mem: GuestMemory, trap: Option<Armed>) -> Self {
         let pages = mem.total_pages();
-        let (uffd, userfault) = match trap {
-            Trap::None => (None, None),
-            Trap::Userfaultfd(u) => (Some(u), None),
-            Trap::KvmUserfault(b) => (None, Some(b)),
-        };
         Self {
             mem: Arc::new(mem),
-            uffd,
-            userfault,
+            trap,
             states: PageStates::new(pages),
             populated: Mutex::new(PageBitmap::new(pages)),
             preallocation: Mutex::new(None),
             preallocated: std::sync::atomic::AtomicBool::new(false),
-            zeros: vec![0u8; 256 * PAGE],
+            zeros: vec![0u8; PAGE],
         }
     }
 
@@ -127,16 +106,12 @@ impl Installer {
                 );
                 r
             })?;
-        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *lock(&self.preallocation) = Some(handle);
         Ok(())
     }
 
     fn finish_preallocation(&self) -> Result<(), InstallError> {
-        let handle = self
-            .preallocation
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let handle = lock(&self.preallocation).take();
         if let Some(h) = handle {
             h.join().map_err(|_| {
                 InstallError::Preallocation("the preallocation thread panicked".into())
@@ -145,18 +120,9 @@ impl Installer {
         Ok(())
     }
 
-    pub fn trap(&self) -> TrapKind {
-        if self.uffd.is_some() {
-            TrapKind::UserfaultfdMissing
-        } else if self.userfault.is_some() {
-            TrapKind::KvmUserfault
-        } else {
-            TrapKind::None
-        }
-    }
-
-    pub fn userfault_bitmap(&self) -> Option<&UserfaultBitmap> {
-        self.userfault.as_ref()
+    /// The backend of the armed trap, if any.
+    pub fn trap(&self) -> Option<Backend> {
+        self.trap.as_ref().map(Armed::backend)
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -167,18 +133,19 @@ impl Installer {
         &self.states
     }
 
+    /// The userfaultfd, when that is the armed trap: faults are read from it.
     pub fn uffd(&self) -> Option<&Userfaultfd> {
-        self.uffd.as_ref()
-    }
-
-    fn populated(&self) -> std::sync::MutexGuard<'_, PageBitmap> {
-        self.populated.lock().unwrap_or_else(|p| p.into_inner())
+        match &self.trap {
+            Some(Armed::Userfaultfd(u)) => Some(u),
+            _ => None,
+        }
     }
 
     /// Writes a pre-copy batch (before switch-over; one thread). Consecutive pages with data
     /// that take the same path are written with one call.
     pub fn precopy_batch(&self, batch: &PagesBatch<'_>) -> Result<(), InstallError> {
-        let mut populated = self.populated();
+        let mut populated = lock(&self.populated);
+        let uffd = self.uffd();
         // (page, offset of its data in the batch) for every entry; zero pages have no data.
         let mut offset = 0usize;
         let entries: Vec<(u64, Option<usize>)> = batch
@@ -191,7 +158,7 @@ impl Installer {
             })
             .collect();
         let copies = |p: u64, populated: &PageBitmap| {
-            self.uffd.is_some()
+            uffd.is_some()
                 && !populated.test(p)
                 && self.mem.backing_of(p) == Some(BackingKind::Anon)
         };
@@ -203,7 +170,7 @@ impl Installer {
                 if populated.test(page) {
                     // Was data, is zero now.
                     self.mem.write(page, &self.zeros[..PAGE])?;
-                } else if anon && let Some(uffd) = &self.uffd {
+                } else if anon && let Some(uffd) = uffd {
                     // Zero and never written: anonymous memory under the trap needs the zero
                     // page mapped or it would fault; fresh files already read as zero.
                     uffd.zeropage(self.mem.host_addr(page)?, PAGE_SIZE)?;
@@ -225,7 +192,7 @@ impl Installer {
                 n += 1;
             }
             let run = &batch.data[at..at + n * PAGE];
-            match &self.uffd {
+            match uffd {
                 Some(uffd) if copy => uffd.copy(self.mem.host_addr(page)?, run)?,
                 _ => self.mem.write(page, run)?,
             }
@@ -242,10 +209,10 @@ impl Installer {
     /// which only the VMM can drop (VMM protocol `discard`).
     pub fn switch_over(&self, invalid: &PageBitmap) -> Result<PageBitmap, InstallError> {
         let pages = self.mem.total_pages();
-        if self.trap() == TrapKind::None && !invalid.is_empty() {
+        if self.trap.is_none() && !invalid.is_empty() {
             return Err(InstallError::InvalidWithoutTrap(invalid.count()));
         }
-        if let Some(bitmap) = &self.userfault {
+        if let Some(Armed::KvmUserfault(bitmap)) = &self.trap {
             // Under KVM Userfault a page faults while marked, whatever memory holds: mark
             // exactly the invalid pages, and nothing needs punching or discarding.
             self.finish_preallocation()?;
@@ -256,7 +223,7 @@ impl Installer {
         // A page allocated by preallocation but not valid must be punched like a stale one.
         self.finish_preallocation()?;
         let preallocated = self.preallocated.load(std::sync::atomic::Ordering::Acquire);
-        let populated = self.populated();
+        let populated = lock(&self.populated);
         let mut discard = PageBitmap::new(pages);
         let mut punch = PageBitmap::new(pages);
         self.states.set_valid_except(invalid);
@@ -304,44 +271,18 @@ impl Installer {
     }
 
     fn place(&self, page: u64, data: Option<&[u8]>) -> Result<(), InstallError> {
-        if let Some(bitmap) = &self.userfault {
-            // Contents first, then the mark off (release), then wake the sleepers.
-            self.mem.write(page, data.unwrap_or(&self.zeros[..PAGE]))?;
-            bitmap.clear(page);
-            bitmap.wake();
-            return Ok(());
+        match &self.trap {
+            Some(trap) => trap.install(&self.mem, page, data)?,
+            // Nothing can fault without a trap: a plain write.
+            None => self.mem.write(page, data.unwrap_or(&self.zeros))?,
         }
-        let Some(uffd) = &self.uffd else {
-            match data {
-                Some(bytes) => self.mem.write(page, bytes)?,
-                None => self.mem.write(page, &self.zeros[..PAGE])?,
-            }
-            return Ok(());
-        };
-        let addr = self.mem.host_addr(page)?;
-        let done = match data {
-            Some(bytes) => uffd.copy(addr, bytes),
-            None => uffd.zeropage(addr, PAGE_SIZE),
-        };
-        match done {
-            Ok(()) => Ok(()),
-            // Already present (the VMM or kernel created it): it is valid as far as the guest
-            // can tell only if nothing stale was left, which switch-over guarantees.
-            Err(e) if e.errno() == Some(rustix::io::Errno::EXIST) => {
-                tracing::debug!(page, "page already present at install");
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(())
     }
 
     /// Wakes vCPUs waiting on `page` (after it became valid without a waking install).
     pub fn wake(&self, page: u64) -> Result<(), InstallError> {
-        if let Some(uffd) = &self.uffd {
-            uffd.wake(self.mem.host_addr(page)?, PAGE_SIZE)?;
-        }
-        if let Some(bitmap) = &self.userfault {
-            bitmap.wake();
+        if let Some(trap) = &self.trap {
+            trap.wake(&self.mem, page)?;
         }
         Ok(())
     }

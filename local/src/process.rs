@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::vmm_protocol::VmmClient;
-use crate::vmm_protocol::messages::VmStatus;
+use faultline::vmm_protocol::VmmClient;
+use faultline::vmm_protocol::messages::VmStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -291,8 +291,8 @@ impl SidecarProcess {
         Ok(sidecar)
     }
 
-    pub fn client(&self) -> super::SidecarClient {
-        super::SidecarClient::new(&self.api)
+    pub fn client(&self) -> crate::SidecarClient {
+        crate::SidecarClient::new(&self.api)
     }
 
     /// The address a source uses to reach this sidecar's migration port.

@@ -95,9 +95,12 @@ impl Installer {
         let mem = self.mem.clone();
         self.preallocated
             .store(true, std::sync::atomic::Ordering::Release);
+        // The caller's span (the migration's) follows the work onto the new thread.
+        let span = tracing::Span::current();
         let handle = std::thread::Builder::new()
             .name("preallocate".into())
             .spawn(move || {
+                let _in = span.enter();
                 let t = std::time::Instant::now();
                 let r = mem.allocate_all();
                 tracing::debug!(
@@ -285,5 +288,141 @@ impl Installer {
             trap.wake(&self.mem, page)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page_batch::PageEntry;
+    use crate::sys::uffd::FEATURE_MISSING_SHMEM;
+    use crate::trap::kvm_userfault::UserfaultBitmap;
+
+    const PAGES: u64 = 32;
+
+    fn page(byte: u8) -> Vec<u8> {
+        vec![byte; PAGE]
+    }
+
+    fn read(i: &Installer, p: u64) -> u8 {
+        let mut buf = page(0xff);
+        i.memory().read(p, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == buf[0]), "page {p} is torn");
+        buf[0]
+    }
+
+    /// Pages `data` with contents, pages `zero` as markers, in one batch.
+    fn precopy(i: &Installer, data: &[(u64, u8)], zero: &[u64]) {
+        let mut entries: Vec<PageEntry> = data
+            .iter()
+            .map(|&(page, _)| PageEntry { page, zero: false })
+            .collect();
+        entries.extend(zero.iter().map(|&page| PageEntry { page, zero: true }));
+        let bytes: Vec<u8> = data.iter().flat_map(|&(_, b)| page(b)).collect();
+        i.precopy_batch(&PagesBatch {
+            entries,
+            data: &bytes,
+        })
+        .unwrap();
+    }
+
+    fn bitmap(pages: &[u64]) -> PageBitmap {
+        let mut b = PageBitmap::new(PAGES);
+        for &p in pages {
+            b.set(p);
+        }
+        b
+    }
+
+    #[test]
+    fn pre_copy_writes_and_rewrites_pages() {
+        let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), None);
+        precopy(&i, &[(1, 0x11), (2, 0x22), (3, 0x33), (9, 0x99)], &[]);
+        assert_eq!((read(&i, 2), read(&i, 9)), (0x22, 0x99));
+        // A later pass: page 2 is zero now, page 3 changed.
+        precopy(&i, &[(3, 0x34)], &[2]);
+        assert_eq!((read(&i, 2), read(&i, 3)), (0, 0x34));
+        // Without a trap nothing may stay invalid at switch-over.
+        let e = i.switch_over(&bitmap(&[5])).unwrap_err();
+        assert!(matches!(e, InstallError::InvalidWithoutTrap(1)), "{e}");
+        assert!(i.switch_over(&PageBitmap::new(PAGES)).unwrap().is_empty());
+        assert!(i.states().all_valid());
+    }
+
+    /// Under KVM Userfault exactly the invalid pages stay marked; installing writes the page,
+    /// clears its mark, and happens once however many channels deliver it.
+    #[test]
+    fn kvm_userfault_marks_the_invalid_pages_and_installs_each_once() {
+        let trap = Armed::KvmUserfault(UserfaultBitmap::all_marked(PAGES));
+        let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), Some(trap));
+        assert_eq!(i.trap(), Some(Backend::KvmUserfault));
+        precopy(&i, &[(1, 0x11), (4, 0x44)], &[]);
+        let discard = i.switch_over(&bitmap(&[4, 7])).unwrap();
+        assert!(discard.is_empty(), "nothing for the VMM to drop");
+        let Some(Armed::KvmUserfault(marks)) = &i.trap else {
+            unreachable!()
+        };
+        assert_eq!(marks.count_marked(), 2);
+        assert!(marks.is_marked(4) && marks.is_marked(7) && !marks.is_marked(1));
+        assert_eq!(i.states().valid_count(), PAGES - 2);
+
+        assert_eq!(
+            i.install(7, Some(&page(0x77))).unwrap(),
+            Installed::Yes { waited: false }
+        );
+        assert!(!marks.is_marked(7));
+        assert_eq!(read(&i, 7), 0x77);
+        assert_eq!(i.install(7, Some(&page(0x78))).unwrap(), Installed::No);
+        assert_eq!(
+            read(&i, 7),
+            0x77,
+            "a second copy must not overwrite the first"
+        );
+        // A zero page installs as zeros over the stale pre-copied data.
+        i.install(4, None).unwrap();
+        assert_eq!(read(&i, 4), 0);
+        assert!(i.states().all_valid() && marks.count_marked() == 0);
+    }
+
+    /// A vCPU that faulted while the page was on its way is reported as having waited.
+    #[test]
+    fn an_install_reports_a_waiting_fault() {
+        let trap = Armed::KvmUserfault(UserfaultBitmap::all_marked(PAGES));
+        let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), Some(trap));
+        i.switch_over(&PageBitmap::full(PAGES)).unwrap();
+        assert_eq!(i.states().fault(3), crate::postcopy::FaultOutcome::Fetch);
+        assert_eq!(i.install(3, None).unwrap(), Installed::Yes { waited: true });
+    }
+
+    /// Under userfaultfd, shared memory the target holds stale copies of is punched out at
+    /// switch-over so the first touch faults; preallocated pages are punched too.
+    #[test]
+    fn userfaultfd_switch_over_punches_stale_shared_pages() {
+        let uffd = match Userfaultfd::new(FEATURE_MISSING_SHMEM) {
+            Ok(u) => u,
+            Err(e) => {
+                // Not a KVM dependency: some sandboxes forbid userfaultfd altogether.
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let i = Installer::new(
+            GuestMemory::memfd(PAGES).unwrap(),
+            Some(Armed::Userfaultfd(uffd)),
+        );
+        i.start_preallocation().unwrap();
+        precopy(&i, &[(1, 0x11), (2, 0x22)], &[]);
+        let discard = i.switch_over(&bitmap(&[2, 20])).unwrap();
+        assert!(
+            discard.is_empty(),
+            "memfd pages are punched here, not by the VMM"
+        );
+        assert_eq!((read(&i, 1), read(&i, 2)), (0x11, 0));
+        assert!(i.states().is_valid(1) && !i.states().is_valid(2));
+        let holes = i.memory().holes();
+        assert!(
+            holes.test(2) && holes.test(20) && !holes.test(1),
+            "{holes:?}"
+        );
     }
 }

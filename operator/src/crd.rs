@@ -3,7 +3,7 @@
 //! generated from these types (`faultline-operator crd`) and never edited by hand.
 //!
 //! This module owns the API's shape and its server-side validation (OpenAPI ranges and CEL
-//! rules, which mirror `faultline::sidecar_api::Policy::validate` and its `MAX_*` limits). It
+//! rules, which mirror `faultline::policy::Policy::validate` and its `MAX_*` limits). It
 //! must not talk to the API server or to sidecars.
 
 use std::collections::BTreeMap;

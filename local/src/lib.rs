@@ -21,9 +21,14 @@ pub const REQUIRE_KVM_ENV: &str = "FAULTLINE_REQUIRE_KVM";
 /// why and returns false — unless [`REQUIRE_KVM_ENV`] is set, in which case it panics with the
 /// reason, failing the test.
 pub fn kvm_or_skip() -> bool {
-    match kvm_usable() {
+    run_or_skip(kvm_usable(), kvm_required())
+}
+
+/// The rule behind [`kvm_or_skip`]: run when usable; otherwise fail if `required`, else skip.
+fn run_or_skip(usable: Result<(), String>, required: bool) -> bool {
+    match usable {
         Ok(()) => true,
-        Err(why) if kvm_required() => {
+        Err(why) if required => {
             panic!("{REQUIRE_KVM_ENV} is set, so this test must run, but {why}")
         }
         Err(why) => {
@@ -45,4 +50,28 @@ pub fn kvm_usable() -> Result<(), String> {
         .open("/dev/kvm")
         .map(|_| ())
         .map_err(|e| format!("/dev/kvm is not usable here ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_or_skip;
+
+    #[test]
+    fn a_test_runs_where_kvm_is_usable() {
+        assert!(run_or_skip(Ok(()), true));
+        assert!(run_or_skip(Ok(()), false));
+    }
+
+    #[test]
+    fn without_kvm_a_test_skips_unless_kvm_is_required() {
+        assert!(!run_or_skip(Err("no /dev/kvm".into()), false));
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "FAULTLINE_REQUIRE_KVM is set, so this test must run, but no /dev/kvm"
+    )]
+    fn without_kvm_a_required_test_fails() {
+        run_or_skip(Err("no /dev/kvm".into()), true);
+    }
 }

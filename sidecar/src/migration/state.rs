@@ -84,9 +84,14 @@ impl Migration {
         }
     }
 
+    /// The policy's completion timeout.
+    pub fn completion_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.policy.completion_timeout_s)
+    }
+
     /// When the completion timeout expires, counted from the start request.
     pub fn deadline(&self) -> Instant {
-        self.started + std::time::Duration::from_secs(self.policy.completion_timeout_s)
+        self.started + self.completion_timeout()
     }
 
     pub fn phase(&self) -> Phase {

@@ -74,7 +74,8 @@ impl Source<'_> {
     /// Connects both channels again and asks the target what it still needs.
     fn reconnect(&self) -> Result<((Conn, Conn), PageBitmap), Stop> {
         let m = self.m;
-        let deadline = Instant::now() + Duration::from_secs(m.policy.completion_timeout_s);
+        // After a break the source has the whole completion timeout again to reconnect.
+        let deadline = Instant::now() + m.completion_timeout();
         let connect = |channel| Conn::connect(&self.peer, channel, &m.id, &m.secret, &self.digest);
         let mut attempt = 0u32;
         loop {

@@ -48,7 +48,7 @@ impl Conns {
     /// Waits for the source to connect `channel` again after the link broke, for up to the
     /// completion timeout from now.
     pub fn retake(&mut self, channel: Channel, m: &Migration) -> Result<TcpStream, Stop> {
-        let until = Instant::now() + Duration::from_secs(m.policy.completion_timeout_s);
+        let until = Instant::now() + m.completion_timeout();
         self.take_until(channel, m, until)
     }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::layout::PAGE_SIZE;
-use crate::sidecar_api::{Mode, Policy, SwitchRule};
+use crate::policy::{Mode, Policy, SwitchRule};
 
 /// What one pre-copy pass did.
 #[derive(Debug, Clone, Copy, PartialEq)]

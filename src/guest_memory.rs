@@ -82,6 +82,43 @@ pub fn is_zero(page: &[u8]) -> bool {
 }
 
 impl GuestMemory {
+    /// `pages` pages of fresh memfd memory of this process's own, laid out as one region at
+    /// guest-physical 0: guest memory without a VMM, for tests and measurements.
+    pub fn memfd(pages: u64) -> Result<Self, GuestMemoryError> {
+        let (layout, fd) = Self::memfd_layout(pages, 0)?;
+        Self::open(&layout, vec![fd])
+    }
+
+    /// A fresh memfd of `pages` pages and the layout of one region over it at guest-physical 0,
+    /// as a VMM would report it mapped at `host_addr`.
+    pub fn memfd_layout(
+        pages: u64,
+        host_addr: u64,
+    ) -> Result<(MemoryLayout, OwnedFd), GuestMemoryError> {
+        let file_err = |op| {
+            move |e: rustix::io::Errno| GuestMemoryError::File {
+                op,
+                index: 0,
+                source: e.into(),
+            }
+        };
+        let fd = rustix::fs::memfd_create("faultline-memory", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(file_err("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, pages * PAGE_SIZE).map_err(file_err("ftruncate"))?;
+        let layout = MemoryLayout {
+            regions: vec![Region {
+                guest_phys_addr: 0,
+                size: pages * PAGE_SIZE,
+                backing: BackingKind::Memfd,
+                fd: 0,
+                file_offset: 0,
+                page_size: PAGE_SIZE,
+                host_addr,
+            }],
+        };
+        Ok((layout, fd))
+    }
+
     /// Opens the layout with the descriptors that came with it.
     pub fn open(layout: &MemoryLayout, fds: Vec<OwnedFd>) -> Result<Self, GuestMemoryError> {
         layout.validate(fds.len())?;
@@ -368,26 +405,9 @@ impl GuestMemory {
 mod tests {
     use super::*;
 
-    fn memfd_layout(pages: u64) -> (MemoryLayout, OwnedFd) {
-        let fd = rustix::fs::memfd_create("gm", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&fd, pages * PAGE_SIZE).unwrap();
-        let layout = MemoryLayout {
-            regions: vec![Region {
-                guest_phys_addr: 0,
-                size: pages * PAGE_SIZE,
-                backing: BackingKind::Memfd,
-                fd: 0,
-                file_offset: 0,
-                page_size: PAGE_SIZE,
-                host_addr: 0x7000_0000,
-            }],
-        };
-        (layout, fd)
-    }
-
     #[test]
     fn read_write_and_holes() {
-        let (layout, fd) = memfd_layout(64);
+        let (layout, fd) = GuestMemory::memfd_layout(64, 0x7000_0000).unwrap();
         let probe = fd.try_clone().unwrap();
         let gm = GuestMemory::open(&layout, vec![fd]).unwrap();
         assert_eq!(gm.holes().count(), 64, "a fresh memfd is all holes");

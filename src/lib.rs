@@ -1,24 +1,33 @@
 //! Faultline core library.
 //!
-//! Owns what every Faultline component shares and nothing that belongs to one of them: the
-//! guest memory layout, page bitmaps, the VMM protocol (codec, messages and a blocking client),
-//! size and duration units, and thin safe wrappers over the few raw system interfaces these need.
+//! Owns what more than one Faultline component needs, and nothing that belongs to one of them:
+//!
+//! - data: the guest memory [`layout`], page [`bitmap`]s, [`page_batch`]es, the migration
+//!   [`policy`], [`units`];
+//! - protocols: the VMM protocol ([`vmm_protocol`]: codec, messages, a blocking client), the
+//!   sidecar-to-sidecar [`wire`] protocol, the sidecar HTTP API's types ([`sidecar_api`]);
+//! - rules, as pure functions: when pre-copy stops ([`convergence`]) and which trap backend a
+//!   migration uses ([`trap::choose`]);
+//! - the target's machinery: trap backends ([`trap`]), page states and the installer
+//!   ([`postcopy`]), another process's [`guest_memory`], the capability [`probe`];
+//! - thin safe wrappers over raw system calls ([`sys`]) and the one lock helper ([`sync`]).
 //!
 //! It must not depend on Kubernetes or HTTP crates, and it never issues KVM ioctls on behalf of
-//! a VMM: KVM only accepts them from the process that created the VM.
+//! a VMM: KVM only accepts them from the process that created the VM. ARCHITECTURE.md shows how
+//! the parts fit.
 
 pub mod bitmap;
 pub mod convergence;
 pub mod guest_memory;
-pub mod kvm_userfault;
 pub mod layout;
-#[cfg(feature = "cli")]
-pub mod local;
+pub mod page_batch;
+pub mod policy;
 pub mod postcopy;
 #[cfg(feature = "kvm")]
 pub mod probe;
 pub mod sidecar_api;
 pub mod strict_json;
+pub mod sync;
 pub mod sys;
 pub mod trap;
 pub mod units;

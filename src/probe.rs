@@ -17,15 +17,15 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use kvm_bindings::kvm_create_guest_memfd;
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::kvm_userfault::{
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Memslot, UserfaultBitmap, flag_names,
-};
 use crate::layout::{BackingKind, PAGE_SIZE};
 use crate::sys::MmapRegion;
 use crate::sys::uffd::{
     FEATURE_MINOR_SHMEM, FEATURE_MISSING_SHMEM, MODE_MINOR, MODE_MISSING, UffdError, Userfaultfd,
 };
-use crate::trap::{BackendProbe, TrapBackend};
+use crate::trap::kvm_userfault::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, Memslot, UserfaultBitmap, flag_names,
+};
+use crate::trap::{Backend, BackendProbe};
 
 /// Pages of the throwaway memory each probe uses.
 const PROBE_PAGES: u64 = 16;
@@ -40,23 +40,19 @@ pub fn probe_trap_backends() -> Vec<BackendProbe> {
     for backing in BackingKind::ALL {
         out.push(verdict(
             backing,
-            TrapBackend::KvmUserfault,
+            Backend::KvmUserfault,
             probe_kvm_userfault(backing),
         ));
         out.push(verdict(
             backing,
-            TrapBackend::Userfaultfd,
+            Backend::Userfaultfd,
             probe_userfaultfd(backing),
         ));
     }
     out
 }
 
-fn verdict(
-    backing: BackingKind,
-    backend: TrapBackend,
-    result: Result<String, String>,
-) -> BackendProbe {
+fn verdict(backing: BackingKind, backend: Backend, result: Result<String, String>) -> BackendProbe {
     let (available, reason) = match result {
         Ok(reason) => (true, reason),
         Err(reason) => (false, reason),
@@ -264,9 +260,8 @@ fn uffd_create_failure(e: &UffdError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kvm_userfault::KVM_CAP_USERFAULT_FAULTLINE;
 
-    fn find(probes: &[BackendProbe], backing: BackingKind, backend: TrapBackend) -> &BackendProbe {
+    fn find(probes: &[BackendProbe], backing: BackingKind, backend: Backend) -> &BackendProbe {
         probes
             .iter()
             .find(|p| p.backing == backing && p.backend == backend)
@@ -286,8 +281,8 @@ mod tests {
         let probes = probe_trap_backends();
         assert_eq!(probes.len(), 6, "{probes:?}");
         for backing in BackingKind::ALL {
-            let k = find(&probes, backing, TrapBackend::KvmUserfault);
-            let u = find(&probes, backing, TrapBackend::Userfaultfd);
+            let k = find(&probes, backing, Backend::KvmUserfault);
+            let u = find(&probes, backing, Backend::Userfaultfd);
             assert!(!k.reason.is_empty() && !u.reason.is_empty());
         }
         let json = serde_json::to_string(&probes).unwrap();
@@ -315,41 +310,6 @@ mod tests {
         }
     }
 
-    /// On a kernel without KVM Userfault (the development host: a paravirtual KVM on 6.18),
-    /// the probe must say so with the memslot ioctl's EINVAL. A kernel that reports Faultline's
-    /// capability must instead accept the flag.
-    #[test]
-    fn kvm_userfault_matches_the_kernel() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("skipping: /dev/kvm is not usable here");
-            return;
-        };
-        let patched = kvm.check_extension_raw(KVM_CAP_USERFAULT_FAULTLINE.into()) > 0;
-        let probes = probe_trap_backends();
-        for backing in [BackingKind::Anon, BackingKind::Memfd] {
-            let p = find(&probes, backing, TrapBackend::KvmUserfault);
-            assert_eq!(p.available, patched, "{p:?}");
-            if !patched {
-                assert_eq!(
-                    p.reason,
-                    format!(
-                        "KVM_SET_USER_MEMORY_REGION2(KVM_MEM_USERFAULT) on {backing} memory = EINVAL"
-                    )
-                );
-            }
-        }
-        let g = find(&probes, BackingKind::GuestMemfd, TrapBackend::KvmUserfault);
-        assert_eq!(g.available, patched, "{g:?}");
-        if !patched {
-            assert!(
-                g.reason
-                    == "KVM_SET_USER_MEMORY_REGION2(KVM_MEM_GUEST_MEMFD|KVM_MEM_USERFAULT) on guest-memfd memory = EINVAL"
-                    || g.reason.starts_with("KVM_CREATE_GUEST_MEMFD"),
-                "{g:?}"
-            );
-        }
-    }
-
     /// userfaultfd works on anonymous and memfd memory wherever a userfaultfd can be created
     /// at all; guest_memfd mappings refuse registration on kernels up to at least 7.3.
     #[test]
@@ -359,16 +319,16 @@ mod tests {
             return;
         }
         let probes = probe_trap_backends();
-        let anon = find(&probes, BackingKind::Anon, TrapBackend::Userfaultfd);
+        let anon = find(&probes, BackingKind::Anon, Backend::Userfaultfd);
         assert!(anon.available, "{anon:?}");
         assert_eq!(anon.reason, "UFFDIO_REGISTER(anon mapping, MISSING) = 0");
-        let memfd = find(&probes, BackingKind::Memfd, TrapBackend::Userfaultfd);
+        let memfd = find(&probes, BackingKind::Memfd, Backend::Userfaultfd);
         assert!(memfd.available, "{memfd:?}");
         assert_eq!(
             memfd.reason,
             "UFFDIO_REGISTER(memfd mapping, MISSING) = 0; UFFDIO_REGISTER(memfd mapping, MINOR) = 0"
         );
-        let gmem = find(&probes, BackingKind::GuestMemfd, TrapBackend::Userfaultfd);
+        let gmem = find(&probes, BackingKind::GuestMemfd, Backend::Userfaultfd);
         if Kvm::new().is_ok() && !gmem.available {
             assert!(
                 gmem.reason

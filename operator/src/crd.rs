@@ -3,12 +3,13 @@
 //! generated from these types (`faultline-operator crd`) and never edited by hand.
 //!
 //! This module owns the API's shape and its server-side validation (OpenAPI ranges and CEL
-//! rules, which mirror `faultline::sidecar_api::Policy::validate` and its `MAX_*` limits). It
+//! rules, which mirror `faultline::policy::Policy::validate` and its `MAX_*` limits). It
 //! must not talk to the API server or to sidecars.
 
 use std::collections::BTreeMap;
 
 use faultline::sidecar_api::{self, MAX_COMPLETION_TIMEOUT_S, MAX_DOWNTIME_MS, MAX_PRECOPY_PASSES};
+use faultline::trap::Preference;
 use k8s_openapi::api::core::v1::Affinity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
@@ -161,7 +162,9 @@ pub struct MigrationPolicy {
     pub completion_timeout_s: u64,
     /// The post-copy trap mechanism on the target: `Auto` picks the best one the target node
     /// offers for the VM's memory backing.
-    pub trap: TrapMechanism,
+    #[serde(with = "trap_preference")]
+    #[schemars(schema_with = "trap_preference::schema")]
+    pub trap: Preference,
 }
 
 // The schema's literal bounds above must equal the core library's limits; a test checks the
@@ -190,11 +193,7 @@ impl MigrationPolicy {
             max_downtime_ms: self.max_downtime_ms,
             bandwidth_limit: self.bandwidth_limit,
             completion_timeout_s: self.completion_timeout_s,
-            trap: match self.trap {
-                TrapMechanism::Auto => sidecar_api::TrapChoice::Auto,
-                TrapMechanism::Userfaultfd => sidecar_api::TrapChoice::Userfaultfd,
-                TrapMechanism::KvmUserfault => sidecar_api::TrapChoice::KvmUserfault,
-            },
+            trap: self.trap,
         }
     }
 
@@ -210,11 +209,7 @@ impl MigrationPolicy {
             max_downtime_ms: p.max_downtime_ms,
             bandwidth_limit: p.bandwidth_limit,
             completion_timeout_s: p.completion_timeout_s,
-            trap: match p.trap {
-                sidecar_api::TrapChoice::Auto => TrapMechanism::Auto,
-                sidecar_api::TrapChoice::Userfaultfd => TrapMechanism::Userfaultfd,
-                sidecar_api::TrapChoice::KvmUserfault => TrapMechanism::KvmUserfault,
-            },
+            trap: p.trap,
         }
     }
 
@@ -260,12 +255,45 @@ pub enum SwitchRule {
     Passes,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
-pub enum TrapMechanism {
-    #[default]
-    Auto,
-    Userfaultfd,
-    KvmUserfault,
+/// The core library's trap preference (`faultline::trap::Preference`) in Kubernetes naming:
+/// `Auto`, `Userfaultfd`, `KvmUserfault` (the sidecar API spells the same values `auto`,
+/// `userfaultfd`, `kvm-userfault`). Only the spelling lives here; the meaning is the core's.
+mod trap_preference {
+    use faultline::trap::{Backend, Preference};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const NAMES: [(Preference, &str); 3] = [
+        (Preference::Auto, "Auto"),
+        (Preference::Only(Backend::Userfaultfd), "Userfaultfd"),
+        (Preference::Only(Backend::KvmUserfault), "KvmUserfault"),
+    ];
+
+    fn name(p: Preference) -> &'static str {
+        NAMES
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map_or("Auto", |(_, n)| n)
+    }
+
+    pub fn serialize<S: Serializer>(p: &Preference, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name(*p))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Preference, D::Error> {
+        let s = String::deserialize(d)?;
+        NAMES
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(p, _)| *p)
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(&s, &["Auto", "Userfaultfd", "KvmUserfault"])
+            })
+    }
+
+    pub fn schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let names: Vec<&str> = NAMES.iter().map(|(_, n)| *n).collect();
+        schemars::json_schema!({"type": "string", "enum": names})
+    }
 }
 
 /// Where a migration is. `Pending → Scheduling → Connecting → PreCopy → SwitchOver →

@@ -5,14 +5,13 @@
 //! No I/O here: everything is a function of its arguments, so it is tested directly.
 
 use faultline::sidecar_api::{self, MigrationStatus, NodeInfo};
-use faultline::trap::TrapBackend;
+use faultline::trap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::crd::{
-    MigrationMode, MigrationPolicy, MigrationProgress, Phase, TrapMechanism,
-    VirtualMachineMigration,
+    MigrationMode, MigrationPolicy, MigrationProgress, Phase, VirtualMachineMigration,
 };
 
 /// The id both sidecars know a migration by: `namespace/name/uid-prefix`, or
@@ -55,81 +54,28 @@ pub struct MechanismChoice {
     pub policy: sidecar_api::Policy,
 }
 
-/// Picks the post-copy trap mechanism from what the target node offers for the VM's backing.
-/// `Auto` prefers userfaultfd (the long-proven path) and takes kvm-userfault where that is all
-/// there is (guest_memfd). A `Hybrid` migration with `Auto` falls back to pre-copy when nothing
-/// is offered; `PostCopy`, or an explicit mechanism that is missing, is an error naming what the
-/// target's probes said.
+/// Picks the post-copy trap mechanism from what the target node offers for the VM's backing,
+/// by the core library's one rule (`faultline::trap::choose`, which the target sidecar applies
+/// too): `Auto`'s order per backing, and a `Hybrid` migration under `Auto` falls back to
+/// pre-copy when nothing is offered; `PostCopy`, or an explicit mechanism that is missing, is an
+/// error naming what the target's probes said.
 pub fn choose_mechanism(
     policy: &MigrationPolicy,
     backing: faultline::BackingKind,
     target: &NodeInfo,
 ) -> Result<MechanismChoice, String> {
-    let mut sp = policy.to_sidecar();
-    if policy.mode == MigrationMode::PreCopy {
-        return Ok(MechanismChoice {
-            mode: MigrationMode::PreCopy,
-            mechanism: "none".into(),
-            reason: "pre-copy only: no trap needed".into(),
-            policy: sp,
-        });
-    }
-    let offers: Vec<_> = target
-        .trap_backends
-        .iter()
-        .filter(|b| b.backing == backing)
-        .collect();
-    let wanted: &[TrapBackend] = match policy.trap {
-        TrapMechanism::Auto => &[TrapBackend::Userfaultfd, TrapBackend::KvmUserfault],
-        TrapMechanism::Userfaultfd => &[TrapBackend::Userfaultfd],
-        TrapMechanism::KvmUserfault => &[TrapBackend::KvmUserfault],
-    };
-    let pick = wanted
-        .iter()
-        .find_map(|w| offers.iter().find(|o| o.backend == *w && o.available));
-    if let Some(p) = pick {
-        sp.trap = match p.backend {
-            TrapBackend::Userfaultfd => sidecar_api::TrapChoice::Userfaultfd,
-            TrapBackend::KvmUserfault => sidecar_api::TrapChoice::KvmUserfault,
-        };
-        return Ok(MechanismChoice {
-            mode: policy.mode,
-            mechanism: p.backend.to_string(),
-            reason: p.reason.clone(),
-            policy: sp,
-        });
-    }
-    let said: Vec<String> = if offers.is_empty() {
-        vec![format!(
-            "the target offers no trap backend for {backing} memory"
-        )]
-    } else {
-        offers
-            .iter()
-            .map(|o| format!("{}: {}", o.backend, o.reason))
-            .collect()
-    };
-    let said = said.join("; ");
-    if policy.mode == MigrationMode::Hybrid && policy.trap == TrapMechanism::Auto {
-        sp.mode = sidecar_api::Mode::PreCopy;
-        sp.trap = sidecar_api::TrapChoice::Auto;
-        if sp.precopy_passes == 0 {
-            sp.precopy_passes = sidecar_api::Policy::default().precopy_passes;
-        }
-        return Ok(MechanismChoice {
-            mode: MigrationMode::PreCopy,
-            mechanism: "none".into(),
-            reason: format!(
-                "no post-copy mechanism for {backing} memory on the target ({said}); pre-copy only"
-            ),
-            policy: sp,
-        });
-    }
-    let wanted_names: Vec<String> = wanted.iter().map(|w| w.to_string()).collect();
-    Err(format!(
-        "post-copy is impossible: the target offers no {} for {backing} memory ({said})",
-        wanted_names.join(" or ")
-    ))
+    let spec = policy.to_sidecar();
+    let choice = trap::choose(spec.trap, spec.mode, backing, &target.trap_backends)
+        .map_err(|e| e.to_string())?;
+    Ok(MechanismChoice {
+        mode: choice.mode.into(),
+        mechanism: choice
+            .backend
+            .map_or("none", trap::Backend::as_str)
+            .to_string(),
+        policy: spec.resolved(&choice),
+        reason: choice.reason,
+    })
 }
 
 /// A sidecar phase as an operator phase (terminal ones have no counterpart here).
@@ -267,7 +213,7 @@ pub fn strip_time(p: &MigrationProgress) -> MigrationProgress {
 mod tests {
     use super::*;
     use faultline::BackingKind;
-    use faultline::trap::BackendProbe;
+    use faultline::trap::{Backend as TrapBackend, BackendProbe, Preference};
     use serde_json::json;
 
     fn node(backends: &[(BackingKind, TrapBackend, bool)]) -> NodeInfo {
@@ -306,10 +252,10 @@ mod tests {
             (c.mode, c.mechanism.as_str()),
             (MigrationMode::Hybrid, "userfaultfd")
         );
-        assert_eq!(c.policy.trap, sidecar_api::TrapChoice::Userfaultfd);
+        assert_eq!(c.policy.trap, Preference::Only(TrapBackend::Userfaultfd));
         let c = choose_mechanism(&policy(json!({})), GuestMemfd, &n).expect("guest-memfd");
         assert_eq!(c.mechanism, "kvm-userfault");
-        assert_eq!(c.policy.trap, sidecar_api::TrapChoice::KvmUserfault);
+        assert_eq!(c.policy.trap, Preference::Only(TrapBackend::KvmUserfault));
         let c = choose_mechanism(&policy(json!({"trap": "KvmUserfault"})), Memfd, &n)
             .expect("explicit");
         assert_eq!(c.mechanism, "kvm-userfault");

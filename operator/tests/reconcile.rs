@@ -885,7 +885,7 @@ async fn post_copy_without_a_mechanism_on_the_target_fails_before_anything_moves
         .expect("node info")
         .trap_backends;
     if probes.iter().any(|p| {
-        p.backend == faultline::trap::TrapBackend::KvmUserfault
+        p.backend == faultline::trap::Backend::KvmUserfault
             && p.backing == faultline::BackingKind::Memfd
             && p.available
     }) {

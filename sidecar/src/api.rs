@@ -1,5 +1,5 @@
 //! The HTTP control API (docs/sidecar-api.md), on axum. Handlers translate between HTTP and
-//! the engine; they hold no migration logic.
+//! [`crate::lifecycle`] and [`crate::node`]; they hold no migration logic.
 
 use std::sync::Arc;
 
@@ -9,10 +9,11 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use faultline::sidecar_api::{ApiError, NodeInfo, StartMigration};
+use faultline::sidecar_api::{ApiError, NodeInfo, Phase, StartMigration};
 
-use crate::engine::{self, StartError};
-use crate::state::Sidecar;
+use crate::lifecycle::{self, StartError};
+use crate::metrics::{PhaseLabels, role_name};
+use crate::node::Sidecar;
 
 pub fn router(sidecar: Arc<Sidecar>) -> Router {
     Router::new()
@@ -57,7 +58,7 @@ async fn node(State(s): State<Arc<Sidecar>>) -> Response {
     let fresh = s.clone();
     let probes = tokio::task::spawn_blocking(move || {
         let _ = fresh.refresh_vm();
-        crate::engine::node_trap_backends()
+        fresh.trap_backends()
     })
     .await
     .unwrap_or_default();
@@ -82,7 +83,7 @@ async fn start(State(s): State<Arc<Sidecar>>, body: Bytes) -> Response {
             );
         }
     };
-    let result = tokio::task::spawn_blocking(move || engine::start(&s, req)).await;
+    let result = tokio::task::spawn_blocking(move || lifecycle::start(&s, req)).await;
     match result {
         Ok(Ok((m, created))) => json(
             if created {
@@ -157,7 +158,7 @@ async fn cancel(State(s): State<Arc<Sidecar>>, Path(rest): Path<String>) -> Resp
     let Some(m) = s.find(&id) else {
         return error(StatusCode::NOT_FOUND, format!("no migration `{id}`"));
     };
-    match engine::cancel(&m) {
+    match lifecycle::cancel(&m) {
         Ok(()) => json(StatusCode::ACCEPTED, &m.status()),
         Err(e) => error(StatusCode::CONFLICT, e),
     }
@@ -165,17 +166,16 @@ async fn cancel(State(s): State<Arc<Sidecar>>, Path(rest): Path<String>) -> Resp
 
 async fn metrics(State(s): State<Arc<Sidecar>>) -> Response {
     if let Some(m) = s.current() {
-        let role = format!("{:?}", m.role).to_lowercase();
         let current = m.phase();
         for phase in [
-            faultline::sidecar_api::Phase::Waiting,
-            faultline::sidecar_api::Phase::Connecting,
-            faultline::sidecar_api::Phase::PreCopy,
-            faultline::sidecar_api::Phase::SwitchOver,
-            faultline::sidecar_api::Phase::PostCopy,
-            faultline::sidecar_api::Phase::Completed,
-            faultline::sidecar_api::Phase::Failed,
-            faultline::sidecar_api::Phase::Cancelled,
+            Phase::Waiting,
+            Phase::Connecting,
+            Phase::PreCopy,
+            Phase::SwitchOver,
+            Phase::PostCopy,
+            Phase::Completed,
+            Phase::Failed,
+            Phase::Cancelled,
         ] {
             let name = serde_json::to_value(phase)
                 .ok()
@@ -183,8 +183,8 @@ async fn metrics(State(s): State<Arc<Sidecar>>) -> Response {
                 .unwrap_or_default();
             s.metrics
                 .phase
-                .get_or_create(&crate::metrics::PhaseLabels {
-                    role: role.clone(),
+                .get_or_create(&PhaseLabels {
+                    role: role_name(m.role).into(),
                     phase: name,
                 })
                 .set(i64::from(phase == current));

@@ -2,15 +2,27 @@
 //! (docs/vmm-protocol.md), serves the HTTP control API (docs/sidecar-api.md) and Prometheus
 //! metrics, and moves the VM's memory to or from a peer sidecar over the wire protocol
 //! (docs/wire-protocol.md).
+//!
+//! The modules follow a migration's shape, from the top down (nothing imports upwards):
+//!
+//! - [`api`]: HTTP in and out; no migration logic.
+//! - [`lifecycle`]: start, cancel, finish: runs a role's engine on its own thread.
+//! - [`source`], [`target`]: the two engines, one file per step of the migration.
+//! - [`node`]: this sidecar, its VMM and its migrations; [`migration`]: one migration's state,
+//!   counters and outcome; [`transport`]: channels and page streams; [`metrics`],
+//!   [`threads`]: leaves.
 
 mod api;
-mod engine;
-mod listener;
+mod lifecycle;
 mod metrics;
-mod pages;
+mod migration;
+mod node;
 mod source;
-mod state;
 mod target;
+#[cfg(test)]
+mod testing;
+mod threads;
+mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,27 +31,26 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::state::Sidecar;
+use crate::node::Sidecar;
+
+/// Where the VMM's control socket is in a VM pod (a volume both containers mount).
+const VMM_SOCKET: &str = "/run/faultline/vmm.sock";
+/// The ports docs/sidecar-api.md and the operator assume.
+const API_LISTEN: &str = "0.0.0.0:9180";
+const MIGRATION_LISTEN: &str = "0.0.0.0:9181";
 
 #[derive(Parser, Debug)]
 #[command(name = "faultline-sidecar", version, about, long_about = None)]
 struct Cli {
     /// The VMM's control socket.
-    #[arg(
-        long,
-        env = "FAULTLINE_VMM_SOCKET",
-        default_value = "/run/faultline/vmm.sock"
-    )]
+    #[arg(long, env = "FAULTLINE_VMM_SOCKET", default_value = VMM_SOCKET)]
     vmm_socket: PathBuf,
-    /// Address of the HTTP control API and /metrics.
-    #[arg(long, env = "FAULTLINE_LISTEN", default_value = "0.0.0.0:9180")]
+    /// Address of the HTTP control API and /metrics (the operator's way in; it has no
+    /// authentication, so keep it to the cluster network).
+    #[arg(long, env = "FAULTLINE_LISTEN", default_value = API_LISTEN)]
     listen: SocketAddr,
     /// Address where a target sidecar accepts the source's migration connections.
-    #[arg(
-        long,
-        env = "FAULTLINE_MIGRATION_LISTEN",
-        default_value = "0.0.0.0:9181"
-    )]
+    #[arg(long, env = "FAULTLINE_MIGRATION_LISTEN", default_value = MIGRATION_LISTEN)]
     migration_listen: SocketAddr,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
@@ -51,18 +62,13 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::new(&cli.log);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr);
     if cli.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
+        logs.json().init();
     } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
 
@@ -73,8 +79,9 @@ fn main() -> anyhow::Result<()> {
         .context("migration listener address")?
         .port();
     let sidecar = Arc::new(Sidecar::new(cli.vmm_socket.clone(), migration_port));
-    state::spawn_vmm_watch(sidecar.clone())?;
-    listener::spawn(migration_listener, sidecar.clone())?;
+    node::spawn_vmm_watch(sidecar.clone()).context("cannot start the VMM watch")?;
+    target::listener::spawn(migration_listener, sidecar.clone())
+        .context("cannot start the migration listener")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

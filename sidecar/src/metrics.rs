@@ -1,6 +1,9 @@
 //! Prometheus metrics of the sidecar (names and meanings in docs/sidecar-api.md). Counters are
 //! incremented by the engines as work happens, so they stay monotonic across migrations.
+//!
+//! A leaf: it only holds and encodes the metrics.
 
+use faultline::sidecar_api::Role;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,9 +12,25 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+/// A role as metrics label it: `source`, `target`.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Source => "source",
+        Role::Target => "target",
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabel {
     pub role: String,
+}
+
+impl RoleLabel {
+    pub fn of(role: Role) -> Self {
+        Self {
+            role: role_name(role).into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,7 +118,11 @@ impl Metrics {
             "Pages the target does not hold yet",
             remaining_pages.clone(),
         );
-        registry.register("faults", "Post-copy faults served", faults.clone());
+        registry.register(
+            "faults",
+            "Post-copy faults served (counted on the target, where they happen)",
+            faults.clone(),
+        );
         registry.register(
             "fault_latency_seconds",
             "Post-copy fault latency: fault read to page installed",

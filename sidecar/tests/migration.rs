@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use faultline::local::{SidecarProcess, VmmProcess};
 use faultline::sidecar_api::{MigrationStatus, Mode, Phase, Policy, Role, StartMigration};
 use faultline::vmm_protocol::messages::{VmState, VmStatus};
 use faultline::wire::Secret;
+use faultline_local::{SidecarProcess, VmmProcess};
 
 fn kvm_available() -> bool {
-    faultline::local::kvm_or_skip()
+    faultline_local::kvm_or_skip()
 }
 
 struct Side {
@@ -197,38 +197,46 @@ fn policy(mode: Mode, passes: u32) -> Policy {
     }
 }
 
+/// Migrates a `vcpus`-vCPU guest on `backing` memory in `mode` and checks what the mode
+/// promises about traps and faults.
+fn mode_test(tag: &str, backing: &str, vcpus: u32, mode: Mode, passes: u32) {
+    if !kvm_available() {
+        return;
+    }
+    let (src, dst) = migrate_and_verify(tag, backing, vcpus, policy(mode, passes), &[]);
+    if mode == Mode::PreCopy {
+        assert_eq!(src.progress.faults, 0, "pre-copy never faults");
+        assert!(src.trap.is_none());
+    }
+    if mode == Mode::PostCopy {
+        assert!(dst.trap.is_some());
+    }
+}
+
+/// For each mode, a module of four tests: memfd and anonymous memory, 1 and 2 vCPUs.
 macro_rules! mode_tests {
-    ($($name:ident: $mode:expr, $passes:expr, $backing:expr, $vcpus:expr;)*) => {$(
+    ($($mode_name:ident: $mode:expr, $passes:expr;)*) => {$(
+        mod $mode_name {
+            use super::*;
+            backings!($mode_name, $mode, $passes; memfd_1 "memfd" 1, memfd_2 "memfd" 2, anon_1 "anon" 1, anon_2 "anon" 2);
+        }
+    )*};
+}
+
+macro_rules! backings {
+    ($mode_name:ident, $mode:expr, $passes:expr; $($test:ident $backing:literal $vcpus:literal),*) => {$(
         #[test]
-        fn $name() {
-            if !kvm_available() {
-                return;
-            }
-            let (src, dst) = migrate_and_verify(stringify!($name), $backing, $vcpus, policy($mode, $passes), &[]);
-            if $mode == Mode::PreCopy {
-                assert_eq!(src.progress.faults, 0, "pre-copy never faults");
-                assert!(src.trap.is_none());
-            }
-            if $mode == Mode::PostCopy {
-                assert!(dst.trap.is_some());
-            }
+        fn $test() {
+            let tag = concat!(stringify!($mode_name), "_", stringify!($test));
+            mode_test(tag, $backing, $vcpus, $mode, $passes);
         }
     )*};
 }
 
 mode_tests! {
-    precopy_memfd_1: Mode::PreCopy, 8, "memfd", 1;
-    precopy_memfd_2: Mode::PreCopy, 8, "memfd", 2;
-    precopy_anon_1: Mode::PreCopy, 8, "anon", 1;
-    precopy_anon_2: Mode::PreCopy, 8, "anon", 2;
-    postcopy_memfd_1: Mode::PostCopy, 1, "memfd", 1;
-    postcopy_memfd_2: Mode::PostCopy, 1, "memfd", 2;
-    postcopy_anon_1: Mode::PostCopy, 1, "anon", 1;
-    postcopy_anon_2: Mode::PostCopy, 1, "anon", 2;
-    hybrid_memfd_1: Mode::Hybrid, 8, "memfd", 1;
-    hybrid_memfd_2: Mode::Hybrid, 8, "memfd", 2;
-    hybrid_anon_1: Mode::Hybrid, 8, "anon", 1;
-    hybrid_anon_2: Mode::Hybrid, 8, "anon", 2;
+    precopy: Mode::PreCopy, 8;
+    postcopy: Mode::PostCopy, 1;
+    hybrid: Mode::Hybrid, 8;
 }
 
 /// Pure post-copy of a guest that rewrites a page on every iteration: vCPUs fault while the
@@ -412,6 +420,84 @@ fn wrong_secret_is_rejected_at_the_handshake() {
     );
     assert!(t.message.contains("refused"), "{}", t.message);
     assert_source_keeps_running(&p);
+}
+
+/// What a sidecar answers before it has joined a VMM: no KVM involved, so never skipped.
+/// Requests are checked in full before the VM is consulted; a valid one is refused with 503.
+#[test]
+fn requests_are_checked_without_a_vmm() {
+    let nowhere =
+        std::env::temp_dir().join(format!("faultline-no-vmm-{}.sock", std::process::id()));
+    let sidecar = SidecarProcess::spawn("no-vmm", &nowhere).expect("start sidecar");
+    let c = sidecar.client();
+    assert!(!c.ready(), "not ready without a VMM");
+    let secret = Secret::generate().expect("secret");
+    let status = |req: &StartMigration| c.start(req).unwrap_err().status();
+    let peer = Some("127.0.0.1:1".to_string());
+    assert_eq!(
+        status(&request(
+            "x",
+            Role::Source,
+            None,
+            &secret,
+            &Policy::default()
+        )),
+        Some(400)
+    );
+    let mut bad_id = request("a b", Role::Target, None, &secret, &Policy::default());
+    assert_eq!(status(&bad_id), Some(400));
+    bad_id.id = "x".into();
+    bad_id.secret = "c2hvcnQ=".into();
+    assert_eq!(status(&bad_id), Some(400));
+    let bad_policy = Policy {
+        max_downtime_ms: 0,
+        ..Policy::default()
+    };
+    assert_eq!(
+        status(&request(
+            "x",
+            Role::Source,
+            peer.clone(),
+            &secret,
+            &bad_policy
+        )),
+        Some(400)
+    );
+    assert_eq!(
+        status(&request(
+            "x",
+            Role::Target,
+            peer,
+            &secret,
+            &Policy::default()
+        )),
+        Some(400)
+    );
+    // Well formed, but there is no VM to migrate.
+    assert_eq!(
+        status(&request(
+            "x",
+            Role::Target,
+            None,
+            &secret,
+            &Policy::default()
+        )),
+        Some(503)
+    );
+    assert_eq!(c.status("x").unwrap_err().status(), Some(404));
+    assert_eq!(c.cancel("x").unwrap_err().status(), Some(404));
+    let node = c.node().expect("node");
+    assert!(node.vm.is_none());
+    assert_eq!(
+        node.trap_backends.len(),
+        6,
+        "every backing and backend is probed"
+    );
+    let metrics = c.metrics().expect("metrics");
+    assert!(
+        metrics.contains("faultline_sidecar_vmm_connected 0"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -23,10 +23,11 @@ use std::sync::{Arc, Mutex};
 
 use crate::bitmap::PageBitmap;
 use crate::guest_memory::{GuestMemory, GuestMemoryError};
-use crate::kvm_userfault::UserfaultBitmap;
 use crate::layout::{BackingKind, PAGE_SIZE};
+use crate::page_batch::PagesBatch;
+use crate::sync::lock;
 use crate::sys::uffd::{UffdError, Userfaultfd};
-use crate::wire::PagesBatch;
+use crate::trap::{Armed, Backend, TrapError};
 
 use super::page_states::PageStates;
 
@@ -41,42 +42,26 @@ pub enum Installed {
     Yes { waited: bool },
 }
 
-/// How the target traps first accesses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrapKind {
-    /// No trap: pre-copy only; every page must be valid before the VM resumes.
-    None,
-    /// userfaultfd in missing mode on the VMM's mapping.
-    UserfaultfdMissing,
-    /// KVM Userfault: a marked page makes a vCPU exit; installing clears its mark.
-    KvmUserfault,
-}
-
-/// The armed trap an installer works with.
-pub enum Trap {
-    None,
-    /// A userfaultfd with the VMM's RAM registered in missing mode.
-    Userfaultfd(Userfaultfd),
-    /// The VMM's KVM Userfault bitmap, shared with it (every page marked when armed).
-    KvmUserfault(UserfaultBitmap),
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error(transparent)]
     Memory(#[from] GuestMemoryError),
     #[error(transparent)]
     Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Trap(#[from] TrapError),
     #[error("{0} pages are not valid at switch-over and there is no trap to fetch them")]
     InvalidWithoutTrap(u64),
     #[error("preallocating target memory failed: {0}")]
     Preallocation(String),
 }
 
+/// Installs pages into the target VMM's memory (see the module documentation).
 pub struct Installer {
     mem: Arc<GuestMemory>,
-    uffd: Option<Userfaultfd>,
-    userfault: Option<UserfaultBitmap>,
+    /// The armed trap; `None` for a pre-copy-only migration, where every page must be valid
+    /// before the VM resumes.
+    trap: Option<Armed>,
     states: PageStates,
     /// Pages holding pre-copied data in the target (written into the file, or created in the
     /// VMM's anonymous memory).
@@ -88,22 +73,16 @@ pub struct Installer {
 }
 
 impl Installer {
-    pub fn new(mem: GuestMemory, trap: Trap) -> Self {
+    pub fn new(mem: GuestMemory, trap: Option<Armed>) -> Self {
         let pages = mem.total_pages();
-        let (uffd, userfault) = match trap {
-            Trap::None => (None, None),
-            Trap::Userfaultfd(u) => (Some(u), None),
-            Trap::KvmUserfault(b) => (None, Some(b)),
-        };
         Self {
             mem: Arc::new(mem),
-            uffd,
-            userfault,
+            trap,
             states: PageStates::new(pages),
             populated: Mutex::new(PageBitmap::new(pages)),
             preallocation: Mutex::new(None),
             preallocated: std::sync::atomic::AtomicBool::new(false),
-            zeros: vec![0u8; 256 * PAGE],
+            zeros: vec![0u8; PAGE],
         }
     }
 
@@ -116,9 +95,12 @@ impl Installer {
         let mem = self.mem.clone();
         self.preallocated
             .store(true, std::sync::atomic::Ordering::Release);
+        // The caller's span (the migration's) follows the work onto the new thread.
+        let span = tracing::Span::current();
         let handle = std::thread::Builder::new()
             .name("preallocate".into())
             .spawn(move || {
+                let _in = span.enter();
                 let t = std::time::Instant::now();
                 let r = mem.allocate_all();
                 tracing::debug!(
@@ -127,16 +109,12 @@ impl Installer {
                 );
                 r
             })?;
-        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *lock(&self.preallocation) = Some(handle);
         Ok(())
     }
 
     fn finish_preallocation(&self) -> Result<(), InstallError> {
-        let handle = self
-            .preallocation
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let handle = lock(&self.preallocation).take();
         if let Some(h) = handle {
             h.join().map_err(|_| {
                 InstallError::Preallocation("the preallocation thread panicked".into())
@@ -145,18 +123,9 @@ impl Installer {
         Ok(())
     }
 
-    pub fn trap(&self) -> TrapKind {
-        if self.uffd.is_some() {
-            TrapKind::UserfaultfdMissing
-        } else if self.userfault.is_some() {
-            TrapKind::KvmUserfault
-        } else {
-            TrapKind::None
-        }
-    }
-
-    pub fn userfault_bitmap(&self) -> Option<&UserfaultBitmap> {
-        self.userfault.as_ref()
+    /// The backend of the armed trap, if any.
+    pub fn trap(&self) -> Option<Backend> {
+        self.trap.as_ref().map(Armed::backend)
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -167,18 +136,19 @@ impl Installer {
         &self.states
     }
 
+    /// The userfaultfd, when that is the armed trap: faults are read from it.
     pub fn uffd(&self) -> Option<&Userfaultfd> {
-        self.uffd.as_ref()
-    }
-
-    fn populated(&self) -> std::sync::MutexGuard<'_, PageBitmap> {
-        self.populated.lock().unwrap_or_else(|p| p.into_inner())
+        match &self.trap {
+            Some(Armed::Userfaultfd(u)) => Some(u),
+            _ => None,
+        }
     }
 
     /// Writes a pre-copy batch (before switch-over; one thread). Consecutive pages with data
     /// that take the same path are written with one call.
     pub fn precopy_batch(&self, batch: &PagesBatch<'_>) -> Result<(), InstallError> {
-        let mut populated = self.populated();
+        let mut populated = lock(&self.populated);
+        let uffd = self.uffd();
         // (page, offset of its data in the batch) for every entry; zero pages have no data.
         let mut offset = 0usize;
         let entries: Vec<(u64, Option<usize>)> = batch
@@ -191,7 +161,7 @@ impl Installer {
             })
             .collect();
         let copies = |p: u64, populated: &PageBitmap| {
-            self.uffd.is_some()
+            uffd.is_some()
                 && !populated.test(p)
                 && self.mem.backing_of(p) == Some(BackingKind::Anon)
         };
@@ -203,7 +173,7 @@ impl Installer {
                 if populated.test(page) {
                     // Was data, is zero now.
                     self.mem.write(page, &self.zeros[..PAGE])?;
-                } else if anon && let Some(uffd) = &self.uffd {
+                } else if anon && let Some(uffd) = uffd {
                     // Zero and never written: anonymous memory under the trap needs the zero
                     // page mapped or it would fault; fresh files already read as zero.
                     uffd.zeropage(self.mem.host_addr(page)?, PAGE_SIZE)?;
@@ -225,7 +195,7 @@ impl Installer {
                 n += 1;
             }
             let run = &batch.data[at..at + n * PAGE];
-            match &self.uffd {
+            match uffd {
                 Some(uffd) if copy => uffd.copy(self.mem.host_addr(page)?, run)?,
                 _ => self.mem.write(page, run)?,
             }
@@ -242,10 +212,10 @@ impl Installer {
     /// which only the VMM can drop (VMM protocol `discard`).
     pub fn switch_over(&self, invalid: &PageBitmap) -> Result<PageBitmap, InstallError> {
         let pages = self.mem.total_pages();
-        if self.trap() == TrapKind::None && !invalid.is_empty() {
+        if self.trap.is_none() && !invalid.is_empty() {
             return Err(InstallError::InvalidWithoutTrap(invalid.count()));
         }
-        if let Some(bitmap) = &self.userfault {
+        if let Some(Armed::KvmUserfault(bitmap)) = &self.trap {
             // Under KVM Userfault a page faults while marked, whatever memory holds: mark
             // exactly the invalid pages, and nothing needs punching or discarding.
             self.finish_preallocation()?;
@@ -256,7 +226,7 @@ impl Installer {
         // A page allocated by preallocation but not valid must be punched like a stale one.
         self.finish_preallocation()?;
         let preallocated = self.preallocated.load(std::sync::atomic::Ordering::Acquire);
-        let populated = self.populated();
+        let populated = lock(&self.populated);
         let mut discard = PageBitmap::new(pages);
         let mut punch = PageBitmap::new(pages);
         self.states.set_valid_except(invalid);
@@ -304,45 +274,155 @@ impl Installer {
     }
 
     fn place(&self, page: u64, data: Option<&[u8]>) -> Result<(), InstallError> {
-        if let Some(bitmap) = &self.userfault {
-            // Contents first, then the mark off (release), then wake the sleepers.
-            self.mem.write(page, data.unwrap_or(&self.zeros[..PAGE]))?;
-            bitmap.clear(page);
-            bitmap.wake();
-            return Ok(());
+        match &self.trap {
+            Some(trap) => trap.install(&self.mem, page, data)?,
+            // Nothing can fault without a trap: a plain write.
+            None => self.mem.write(page, data.unwrap_or(&self.zeros))?,
         }
-        let Some(uffd) = &self.uffd else {
-            match data {
-                Some(bytes) => self.mem.write(page, bytes)?,
-                None => self.mem.write(page, &self.zeros[..PAGE])?,
-            }
-            return Ok(());
-        };
-        let addr = self.mem.host_addr(page)?;
-        let done = match data {
-            Some(bytes) => uffd.copy(addr, bytes),
-            None => uffd.zeropage(addr, PAGE_SIZE),
-        };
-        match done {
-            Ok(()) => Ok(()),
-            // Already present (the VMM or kernel created it): it is valid as far as the guest
-            // can tell only if nothing stale was left, which switch-over guarantees.
-            Err(e) if e.errno() == Some(rustix::io::Errno::EXIST) => {
-                tracing::debug!(page, "page already present at install");
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(())
     }
 
     /// Wakes vCPUs waiting on `page` (after it became valid without a waking install).
     pub fn wake(&self, page: u64) -> Result<(), InstallError> {
-        if let Some(uffd) = &self.uffd {
-            uffd.wake(self.mem.host_addr(page)?, PAGE_SIZE)?;
-        }
-        if let Some(bitmap) = &self.userfault {
-            bitmap.wake();
+        if let Some(trap) = &self.trap {
+            trap.wake(&self.mem, page)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page_batch::PageEntry;
+    use crate::sys::uffd::FEATURE_MISSING_SHMEM;
+    use crate::trap::kvm_userfault::UserfaultBitmap;
+
+    const PAGES: u64 = 32;
+
+    fn page(byte: u8) -> Vec<u8> {
+        vec![byte; PAGE]
+    }
+
+    fn read(i: &Installer, p: u64) -> u8 {
+        let mut buf = page(0xff);
+        i.memory().read(p, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == buf[0]), "page {p} is torn");
+        buf[0]
+    }
+
+    /// Pages `data` with contents, pages `zero` as markers, in one batch.
+    fn precopy(i: &Installer, data: &[(u64, u8)], zero: &[u64]) {
+        let mut entries: Vec<PageEntry> = data
+            .iter()
+            .map(|&(page, _)| PageEntry { page, zero: false })
+            .collect();
+        entries.extend(zero.iter().map(|&page| PageEntry { page, zero: true }));
+        let bytes: Vec<u8> = data.iter().flat_map(|&(_, b)| page(b)).collect();
+        i.precopy_batch(&PagesBatch {
+            entries,
+            data: &bytes,
+        })
+        .unwrap();
+    }
+
+    fn bitmap(pages: &[u64]) -> PageBitmap {
+        let mut b = PageBitmap::new(PAGES);
+        for &p in pages {
+            b.set(p);
+        }
+        b
+    }
+
+    #[test]
+    fn pre_copy_writes_and_rewrites_pages() {
+        let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), None);
+        precopy(&i, &[(1, 0x11), (2, 0x22), (3, 0x33), (9, 0x99)], &[]);
+        assert_eq!((read(&i, 2), read(&i, 9)), (0x22, 0x99));
+        // A later pass: page 2 is zero now, page 3 changed.
+        precopy(&i, &[(3, 0x34)], &[2]);
+        assert_eq!((read(&i, 2), read(&i, 3)), (0, 0x34));
+        // Without a trap nothing may stay invalid at switch-over.
+        let e = i.switch_over(&bitmap(&[5])).unwrap_err();
+        assert!(matches!(e, InstallError::InvalidWithoutTrap(1)), "{e}");
+        assert!(i.switch_over(&PageBitmap::new(PAGES)).unwrap().is_empty());
+        assert!(i.states().all_valid());
+    }
+
+    /// Under KVM Userfault exactly the invalid pages stay marked; installing writes the page,
+    /// clears its mark, and happens once however many channels deliver it.
+    #[test]
+    fn kvm_userfault_marks_the_invalid_pages_and_installs_each_once() {
+        let trap = Armed::KvmUserfault(UserfaultBitmap::all_marked(PAGES));
+        let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), Some(trap));
+        assert_eq!(i.trap(), Some(Backend::KvmUserfault));
+        precopy(&i, &[(1, 0x11), (4, 0x44)], &[]);
+        let discard = i.switch_over(&bitmap(&[4, 7])).unwrap();
+        assert!(discard.is_empty(), "nothing for the VMM to drop");
+        let Some(Armed::KvmUserfault(marks)) = &i.trap else {
+            unreachable!()
+        };
+        assert_eq!(marks.count_marked(), 2);
+        assert!(marks.is_marked(4) && marks.is_marked(7) && !marks.is_marked(1));
+        assert_eq!(i.states().valid_count(), PAGES - 2);
+
+        assert_eq!(
+            i.install(7, Some(&page(0x77))).unwrap(),
+            Installed::Yes { waited: false }
+        );
+        assert!(!marks.is_marked(7));
+        assert_eq!(read(&i, 7), 0x77);
+        assert_eq!(i.install(7, Some(&page(0x78))).unwrap(), Installed::No);
+        assert_eq!(
+            read(&i, 7),
+            0x77,
+            "a second copy must not overwrite the first"
+        );
+        // A zero page installs as zeros over the stale pre-copied data.
+        i.install(4, None).unwrap();
+        assert_eq!(read(&i, 4), 0);
+        assert!(i.states().all_valid() && marks.count_marked() == 0);
+    }
+
+    /// A vCPU that faulted while the page was on its way is reported as having waited.
+    #[test]
+    fn an_install_reports_a_waiting_fault() {
+        let trap = Armed::KvmUserfault(UserfaultBitmap::all_marked(PAGES));
+        let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), Some(trap));
+        i.switch_over(&PageBitmap::full(PAGES)).unwrap();
+        assert_eq!(i.states().fault(3), crate::postcopy::FaultOutcome::Fetch);
+        assert_eq!(i.install(3, None).unwrap(), Installed::Yes { waited: true });
+    }
+
+    /// Under userfaultfd, shared memory the target holds stale copies of is punched out at
+    /// switch-over so the first touch faults; preallocated pages are punched too.
+    #[test]
+    fn userfaultfd_switch_over_punches_stale_shared_pages() {
+        let uffd = match Userfaultfd::new(FEATURE_MISSING_SHMEM) {
+            Ok(u) => u,
+            Err(e) => {
+                // Not a KVM dependency: some sandboxes forbid userfaultfd altogether.
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let i = Installer::new(
+            GuestMemory::memfd(PAGES).unwrap(),
+            Some(Armed::Userfaultfd(uffd)),
+        );
+        i.start_preallocation().unwrap();
+        precopy(&i, &[(1, 0x11), (2, 0x22)], &[]);
+        let discard = i.switch_over(&bitmap(&[2, 20])).unwrap();
+        assert!(
+            discard.is_empty(),
+            "memfd pages are punched here, not by the VMM"
+        );
+        assert_eq!((read(&i, 1), read(&i, 2)), (0x11, 0));
+        assert!(i.states().is_valid(1) && !i.states().is_valid(2));
+        let holes = i.memory().holes();
+        assert!(
+            holes.test(2) && holes.test(20) && !holes.test(1),
+            "{holes:?}"
+        );
     }
 }

@@ -2,10 +2,11 @@
 //! VMM's memory so that each is installed exactly once and every vCPU waiting for it wakes.
 //!
 //! Owns page state and installation; knows nothing of networks or policies (the sidecar feeds
-//! it pages from the wire and fault events from the userfaultfd).
+//! it page batches it decoded and the faults its trap reported). How each trap backend
+//! installs a page lives in `crate::trap`.
 
 pub mod installer;
 pub mod page_states;
 
-pub use installer::{InstallError, Installed, Installer, Trap, TrapKind};
+pub use installer::{InstallError, Installed, Installer};
 pub use page_states::{FaultOutcome, PageStates};

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::layout::MemoryLayout;
+use crate::trap::{Backend, BackendProbe};
 
 /// Every request a client may send. The binary part of the frame is empty except where noted.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -206,14 +207,95 @@ pub enum VmState {
     Halted,
 }
 
+/// The names of the optional capabilities a VMM reports in `hello`, one constant per name so
+/// that both ends of the protocol spell them the same way (a misspelt name would silently read
+/// as "not offered"). On the wire a capability's name is a string, so a VMM may report
+/// capabilities this build does not know; they are kept and ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CapabilityName {
+    /// `dirty_log_start` / `dirty_log_collect` / `dirty_log_stop` work.
+    DirtyLog,
+    /// `save_state` works.
+    SaveState,
+    /// `restore_state` works (incoming mode, not yet restored).
+    RestoreState,
+    /// `userfaultfd_register` works: the userfaultfd trap backend.
+    Userfaultfd,
+    /// `kvm_userfault_arm` works: the KVM Userfault trap backend.
+    KvmUserfault,
+}
+
+impl CapabilityName {
+    pub const ALL: [CapabilityName; 5] = [
+        Self::DirtyLog,
+        Self::SaveState,
+        Self::RestoreState,
+        Self::Userfaultfd,
+        Self::KvmUserfault,
+    ];
+
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DirtyLog => "dirty-log",
+            Self::SaveState => "save-state",
+            Self::RestoreState => "restore-state",
+            Self::Userfaultfd => Backend::Userfaultfd.as_str(),
+            Self::KvmUserfault => Backend::KvmUserfault.as_str(),
+        }
+    }
+}
+
+impl From<Backend> for CapabilityName {
+    /// The capability that says whether a VMM can arm `backend`.
+    fn from(backend: Backend) -> Self {
+        match backend {
+            Backend::Userfaultfd => Self::Userfaultfd,
+            Backend::KvmUserfault => Self::KvmUserfault,
+        }
+    }
+}
+
+impl std::fmt::Display for CapabilityName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One optional capability of the VMM, with the reason when it is unavailable.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Capability {
+    /// A [`CapabilityName`] on the wire (a string, so unknown names parse).
     pub name: String,
     pub available: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+impl Capability {
+    /// `name` is available.
+    pub fn available(name: CapabilityName) -> Self {
+        Self {
+            name: name.as_str().into(),
+            available: true,
+            reason: None,
+        }
+    }
+
+    /// `name` is unavailable, and `reason` says what was probed.
+    pub fn unavailable(name: CapabilityName, reason: impl Into<String>) -> Self {
+        Self {
+            name: name.as_str().into(),
+            available: false,
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// Whether this is the capability `name`.
+    pub fn is(&self, name: CapabilityName) -> bool {
+        self.name == name.as_str()
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -232,8 +314,37 @@ pub struct HelloReply {
 }
 
 impl HelloReply {
-    pub fn capability(&self, name: &str) -> Option<&Capability> {
-        self.capabilities.iter().find(|c| c.name == name)
+    pub fn capability(&self, name: CapabilityName) -> Option<&Capability> {
+        self.capabilities.iter().find(|c| c.is(name))
+    }
+
+    /// Whether the VMM reports `name` available (a capability it does not list is not).
+    pub fn has(&self, name: CapabilityName) -> bool {
+        self.capability(name).is_some_and(|c| c.available)
+    }
+
+    /// The trap backends this VMM can arm for its memory, in the form node probes take, for
+    /// [`crate::trap::choose`]. A backend the VMM does not list is left out.
+    pub fn trap_offers(&self) -> Vec<BackendProbe> {
+        let Some(backing) = self.layout.regions.first().map(|r| r.backing) else {
+            return Vec::new();
+        };
+        Backend::ALL
+            .into_iter()
+            .filter_map(|backend| {
+                let c = self.capability(backend.into())?;
+                Some(BackendProbe {
+                    backing,
+                    backend,
+                    available: c.available,
+                    reason: match &c.reason {
+                        Some(r) => r.clone(),
+                        None if c.available => format!("the VMM offers {backend}"),
+                        None => format!("the VMM does not offer {backend}"),
+                    },
+                })
+            })
+            .collect()
     }
 }
 
@@ -372,5 +483,48 @@ mod tests {
             assert_eq!(Request::parse(&json), Ok(r.clone()));
             assert!(Request::OPS.contains(&r.op()));
         }
+    }
+
+    #[test]
+    fn capability_names_and_trap_offers() {
+        let names: Vec<&str> = CapabilityName::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dirty-log",
+                "save-state",
+                "restore-state",
+                "userfaultfd",
+                "kvm-userfault"
+            ]
+        );
+        let hello: HelloReply = serde_json::from_value(serde_json::json!({
+            "protocol": 1, "vmm": "v", "vm_id": "vm", "vcpus": 1, "incoming": true,
+            "state": "incoming",
+            "layout": {"regions": [{"guest_phys_addr": 0, "size": 4096, "backing": "memfd",
+                "fd": 0, "file_offset": 0, "page_size": 4096, "host_addr": 4096}]},
+            "capabilities": [
+                {"name": "userfaultfd", "available": true},
+                {"name": "kvm-userfault", "available": false, "reason": "EINVAL"},
+                {"name": "teleport", "available": true}
+            ]
+        }))
+        .unwrap();
+        assert!(hello.has(CapabilityName::Userfaultfd));
+        assert!(
+            !hello.has(CapabilityName::DirtyLog),
+            "not listed: not available"
+        );
+        let offers = hello.trap_offers();
+        assert_eq!(offers.len(), 2);
+        assert_eq!(
+            (
+                offers[1].backend,
+                offers[1].available,
+                offers[1].reason.as_str()
+            ),
+            (Backend::KvmUserfault, false, "EINVAL")
+        );
+        assert_eq!(offers[0].backing, crate::layout::BackingKind::Memfd);
     }
 }

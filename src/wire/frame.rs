@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"FLWP";
 pub const HEADER_LEN: usize = 12;
+/// Bytes after the payload: its CRC32C.
+pub const TRAILER_LEN: usize = 4;
 /// Largest payload: fits the switch-over message of the largest VM (a 2 MiB bitmap for
 /// 64 GiB plus the state of 64 vCPUs) and page batches with room to spare.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
@@ -97,6 +99,12 @@ fn io(e: std::io::Error) -> WireError {
     }
 }
 
+/// Bytes a frame with a payload of `payload_len` bytes takes on the wire: what both sides count
+/// as transferred.
+pub const fn frame_len(payload_len: usize) -> u64 {
+    (HEADER_LEN + payload_len + TRAILER_LEN) as u64
+}
+
 /// Writes one frame whose payload is the concatenation of `parts` (so callers need not copy
 /// page data into one buffer first).
 pub fn write_frame(
@@ -157,6 +165,13 @@ pub struct RawFrame<'a> {
     pub payload: &'a [u8],
 }
 
+impl RawFrame<'_> {
+    /// The bytes this frame took on the wire.
+    pub fn wire_len(&self) -> u64 {
+        frame_len(self.payload.len())
+    }
+}
+
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         Self {
@@ -194,7 +209,7 @@ impl<R: Read> FrameReader<R> {
         if len > MAX_PAYLOAD {
             return Err(WireError::TooLong(len));
         }
-        self.buf.resize(len as usize + 4, 0);
+        self.buf.resize(len as usize + TRAILER_LEN, 0);
         self.inner.read_exact(&mut self.buf).map_err(io)?;
         let (payload, crc) = self.buf.split_at(len as usize);
         let expected = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
@@ -225,6 +240,7 @@ mod tests {
         write_frame(&mut wire, FrameType::Pages, 3, &[b"abc", b"def"]).unwrap();
         let mut r = FrameReader::new(&wire[..]);
         let f = r.read().unwrap();
+        assert_eq!(f.wire_len(), wire.len() as u64);
         assert_eq!(f.kind, FrameType::Pages);
         assert_eq!(f.flags, 3);
         assert_eq!(f.payload, b"abcdef");

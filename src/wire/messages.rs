@@ -3,11 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::frame::{FrameType, WireError, write_frame};
+use super::frame::{FrameType, WireError, frame_len, write_frame};
 use crate::bitmap::PageBitmap;
 use crate::layout::PAGE_SIZE;
-use crate::sidecar_api::Mode;
-use crate::trap::TrapBackend;
+use crate::page_batch::{PageEntry, PagesBatch};
+use crate::policy::Mode;
+use crate::trap::Backend;
 
 /// Control messages (frame type `Control`, JSON payload), in the order they normally flow.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -25,7 +26,7 @@ pub enum Control {
         postcopy: bool,
     },
     /// Target → source: ready, with the trap it armed (None when no post-copy can happen).
-    Ready { trap: Option<TrapBackend> },
+    Ready { trap: Option<Backend> },
     /// Source → target: a pre-copy pass ended.
     RoundEnd { round: u32, sent: u64 },
     /// Target → source: every page of that pass is installed. The source times a pass until
@@ -65,32 +66,20 @@ impl Control {
     }
 }
 
-/// One page of a batch: its global index, and whether it is all zeros (then no data follows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageEntry {
-    pub page: u64,
-    pub zero: bool,
-}
-
 const ZERO_FLAG: u64 = 1 << 63;
 
 /// Most pages in one batch.
 pub const MAX_BATCH: usize = 256;
 
-/// A batch of pages as decoded: entries, and the data of the non-zero ones in entry order.
-#[derive(Debug)]
-pub struct PagesBatch<'a> {
-    pub entries: Vec<PageEntry>,
-    pub data: &'a [u8],
-}
-
+/// The `Pages` frame's codec; the batch itself is plain data (`crate::page_batch`).
 impl<'a> PagesBatch<'a> {
-    /// Writes a `Pages` frame: `u32 count, u32 reserved, count × u64 entry, data`.
+    /// Writes a `Pages` frame: `u32 count, u32 reserved, count × u64 entry, data`. Returns the
+    /// bytes the frame took on the wire.
     pub fn write(
         w: &mut impl std::io::Write,
         entries: &[PageEntry],
         data: &[u8],
-    ) -> Result<(), WireError> {
+    ) -> Result<u64, WireError> {
         Self::write_parts(w, entries, &[data])
     }
 
@@ -100,7 +89,7 @@ impl<'a> PagesBatch<'a> {
         w: &mut impl std::io::Write,
         entries: &[PageEntry],
         data: &[&[u8]],
-    ) -> Result<(), WireError> {
+    ) -> Result<u64, WireError> {
         let mut head = Vec::with_capacity(8 + entries.len() * 8);
         head.extend_from_slice(&(entries.len() as u32).to_le_bytes());
         head.extend_from_slice(&0u32.to_le_bytes());
@@ -110,7 +99,8 @@ impl<'a> PagesBatch<'a> {
         let mut parts = Vec::with_capacity(data.len() + 1);
         parts.push(&head[..]);
         parts.extend_from_slice(data);
-        write_frame(w, FrameType::Pages, 0, &parts)
+        write_frame(w, FrameType::Pages, 0, &parts)?;
+        Ok(frame_len(parts.iter().map(|p| p.len()).sum()))
     }
 
     /// Decodes a batch, checking every page index is below `total_pages` and the data length
@@ -157,21 +147,6 @@ impl<'a> PagesBatch<'a> {
             )));
         }
         Ok(Self { entries, data })
-    }
-
-    /// The entries with their data (`None` for zero pages).
-    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&'a [u8]>)> + '_ {
-        let mut offset = 0usize;
-        let data = self.data;
-        self.entries.iter().map(move |e| {
-            if e.zero {
-                (e.page, None)
-            } else {
-                let page = &data[offset..offset + PAGE_SIZE as usize];
-                offset += PAGE_SIZE as usize;
-                (e.page, Some(page))
-            }
-        })
     }
 }
 

@@ -8,9 +8,9 @@ pub mod frame;
 pub mod handshake;
 pub mod messages;
 
-pub use frame::{FrameReader, FrameType, WireError, write_frame};
+pub use frame::{FrameReader, FrameType, WireError, frame_len, write_frame};
 pub use handshake::{Channel, LayoutDigest, Secret, layout_digest};
-pub use messages::{Control, FaultRequest, Needed, PageEntry, PagesBatch, SwitchOver};
+pub use messages::{Control, FaultRequest, Needed, SwitchOver};
 
 /// The wire protocol version this build speaks.
 pub const WIRE_VERSION: u8 = 1;

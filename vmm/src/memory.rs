@@ -6,11 +6,11 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use faultline::kvm_userfault::{
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS, Memslot,
-};
 use faultline::layout::{BackingKind, MemoryLayout, PAGE_SIZE, Region};
 use faultline::sys::MmapRegion;
+use faultline::trap::kvm_userfault::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS, Memslot,
+};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_create_guest_memfd, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, VmFd};
 

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use faultline::kvm_userfault::UserfaultBitmap;
 use faultline::layout::PAGE_SIZE;
+use faultline::trap::kvm_userfault::UserfaultBitmap;
 use faultline::vmm_protocol::conn::Connection;
 use faultline::vmm_protocol::frame::FrameKind;
 use faultline::vmm_protocol::messages::Event;

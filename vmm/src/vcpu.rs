@@ -309,7 +309,7 @@ fn run(
             Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Hlt) => return Stop::Halt,
             Ok(VcpuExit::MemoryFault { flags, gpa, .. })
-                if faultline::kvm_userfault::is_userfault_exit(flags) =>
+                if faultline::trap::kvm_userfault::is_userfault_exit(flags) =>
             {
                 if let Err(why) = userfault.wait_for(index, gpa, || control.is_running()) {
                     return Stop::Fail(why);

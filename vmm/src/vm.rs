@@ -11,13 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use faultline::bitmap::PageBitmap;
-use faultline::kvm_userfault::UserfaultBitmap;
 use faultline::layout::BackingKind;
 use faultline::sys::uffd::{self, Userfaultfd};
+use faultline::trap::kvm_userfault::UserfaultBitmap;
 use faultline::vmm_protocol::PROTOCOL_VERSION;
 use faultline::vmm_protocol::messages::{
-    Capability, ErrorCode, ErrorReply, HelloReply, KvmUserfaultArmReply, SavedState, UffdMode,
-    UffdRegisterReply, VcpuState, VcpuStatus, VmState, VmStatus,
+    Capability, CapabilityName, ErrorCode, ErrorReply, HelloReply, KvmUserfaultArmReply,
+    SavedState, UffdMode, UffdRegisterReply, VcpuState, VcpuStatus, VmState, VmStatus,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -112,20 +112,18 @@ impl Vm {
         let userfault_cap = if config.incoming {
             probe_kvm_userfault(&vm_fd, &memory)
         } else {
-            Capability {
-                name: "kvm-userfault".into(),
-                available: false,
-                reason: Some("only a VMM started with --incoming arms KVM Userfault".into()),
-            }
+            Capability::unavailable(
+                CapabilityName::KvmUserfault,
+                "only a VMM started with --incoming arms KVM Userfault",
+            )
         };
         let uffd_cap = if config.incoming {
             probe_userfaultfd(&memory)
         } else {
-            Capability {
-                name: "userfaultfd".into(),
-                available: false,
-                reason: Some("only a VMM started with --incoming hands out a userfaultfd".into()),
-            }
+            Capability::unavailable(
+                CapabilityName::Userfaultfd,
+                "only a VMM started with --incoming hands out a userfaultfd",
+            )
         };
 
         let msr_indices = match kvm.get_msr_index_list() {
@@ -291,21 +289,17 @@ impl Vm {
                 self.dirty_log_cap.clone(),
                 self.uffd_cap.clone(),
                 self.userfault_cap.clone(),
-                Capability {
-                    name: "save-state".into(),
-                    available: true,
-                    reason: None,
-                },
-                Capability {
-                    name: "restore-state".into(),
-                    available: self.incoming && !ops.restored,
-                    reason: (!self.incoming || ops.restored).then(|| {
-                        if self.incoming {
-                            "a state was already restored".to_string()
-                        } else {
-                            "the VMM was not started with --incoming".to_string()
-                        }
-                    }),
+                Capability::available(CapabilityName::SaveState),
+                match (self.incoming, ops.restored) {
+                    (true, false) => Capability::available(CapabilityName::RestoreState),
+                    (true, true) => Capability::unavailable(
+                        CapabilityName::RestoreState,
+                        "a state was already restored",
+                    ),
+                    (false, _) => Capability::unavailable(
+                        CapabilityName::RestoreState,
+                        "the VMM was not started with --incoming",
+                    ),
                 },
             ],
         };
@@ -618,7 +612,7 @@ impl Vm {
         Ok((
             KvmUserfaultArmReply {
                 pages,
-                header_bytes: faultline::kvm_userfault::SHARED_HEADER as u64,
+                header_bytes: faultline::trap::kvm_userfault::SHARED_HEADER as u64,
             },
             handed,
         ))
@@ -727,7 +721,7 @@ fn uffd_parameters(backing: BackingKind, mode: UffdMode) -> Result<(u64, u64), E
 /// Whether this kernel lets RAM of this backing be registered with userfaultfd, found by
 /// registering and unregistering it (missing mode; minor too for shared memory).
 fn probe_userfaultfd(memory: &GuestMemory) -> Capability {
-    let name = "userfaultfd".to_string();
+    let name = CapabilityName::Userfaultfd;
     let backing = memory.backing();
     let modes: &[UffdMode] = match backing {
         BackingKind::Anon => &[UffdMode::Missing],
@@ -750,7 +744,7 @@ fn probe_userfaultfd(memory: &GuestMemory) -> Capability {
         }
     }
     Capability {
-        name,
+        name: name.as_str().into(),
         available: failures.len() < modes.len(),
         reason: (!failures.is_empty()).then(|| failures.join("; ")),
     }
@@ -763,7 +757,7 @@ fn probe_kvm_userfault(vm: &VmFd, memory: &GuestMemory) -> Capability {
     probe_memslot_flag(
         vm,
         memory,
-        "kvm-userfault",
+        CapabilityName::KvmUserfault,
         "KVM_MEM_USERFAULT",
         false,
         Some(bitmap.user_addr()),
@@ -776,7 +770,7 @@ fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
     probe_memslot_flag(
         vm,
         memory,
-        "dirty-log",
+        CapabilityName::DirtyLog,
         "KVM_MEM_LOG_DIRTY_PAGES",
         true,
         None,
@@ -788,7 +782,7 @@ fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
 fn probe_memslot_flag(
     vm: &VmFd,
     memory: &GuestMemory,
-    name: &str,
+    name: CapabilityName,
     flag: &str,
     log_dirty: bool,
     userfault_bitmap: Option<u64>,
@@ -798,22 +792,17 @@ fn probe_memslot_flag(
             if let Err(e) = memory.set_memslot(vm, false, None) {
                 tracing::warn!("turning the {name} probe off failed: {e}");
             }
-            Capability {
-                name: name.into(),
-                available: true,
-                reason: None,
-            }
+            Capability::available(name)
         }
-        Err(e) => Capability {
-            name: name.into(),
-            available: false,
-            reason: Some(format!(
+        Err(e) => Capability::unavailable(
+            name,
+            format!(
                 "KVM refused {flag} on the {} RAM memslot: {}",
                 memory.backing(),
                 std::error::Error::source(&e)
                     .map(ToString::to_string)
                     .unwrap_or_else(|| e.to_string())
-            )),
-        },
+            ),
+        ),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use faultline::bitmap::PageBitmap;
-use faultline::vmm_protocol::messages::ErrorCode;
+use faultline::vmm_protocol::messages::{CapabilityName, ErrorCode};
 
 const RAM: u64 = 64 << 20;
 /// The vCPU stacks: `call`/`ret` rewrite them with the same bytes, so KVM logs them dirty
@@ -77,7 +77,7 @@ fn dirty_log_matches_writes(backing: &str) {
     let mut c = client(&vmm);
     let (hello, fds) = c.hello("test").expect("hello");
     let cap = hello
-        .capability("dirty-log")
+        .capability(CapabilityName::DirtyLog)
         .expect("dirty-log capability listed")
         .clone();
     let mem = memory(&hello, fds);

@@ -39,7 +39,10 @@ fn handover(backing: &str, vcpus: u32) {
     assert_eq!(hello_b.state, VmState::Incoming);
     // Nothing runs in B before a state arrives.
     assert_eq!(
-        cb.resume().unwrap_err().refusal().map(|r| r.code),
+        cb.resume()
+            .expect_err("B must not run before a state arrives")
+            .refusal()
+            .map(|r| r.code),
         Some(ErrorCode::InvalidState)
     );
 
@@ -61,7 +64,10 @@ fn handover(backing: &str, vcpus: u32) {
     // Source commits: from here on it must never run again.
     assert_eq!(ca.fence().expect("fence A"), VmState::Fenced);
     assert_eq!(
-        ca.resume().unwrap_err().refusal().map(|r| r.code),
+        ca.resume()
+            .expect_err("a fenced A must not run again")
+            .refusal()
+            .map(|r| r.code),
         Some(ErrorCode::InvalidState)
     );
     assert_eq!(cb.resume().expect("resume B"), VmState::Running);

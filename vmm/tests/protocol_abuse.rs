@@ -15,7 +15,7 @@ use faultline::vmm_protocol::conn::Connection;
 use faultline::vmm_protocol::frame::{FrameHeader, FrameKind};
 use faultline::vmm_protocol::messages::{ErrorCode, ErrorReply, Request, VmState};
 
-fn start_vmm(tag: &str, extra: &[&str]) -> faultline::local::VmmProcess {
+fn start_vmm(tag: &str, extra: &[&str]) -> faultline_local::VmmProcess {
     let mut args = vec!["--memory", "64M", "--control-frame-timeout", "300ms"];
     args.extend_from_slice(extra);
     start(tag, &args)
@@ -45,7 +45,7 @@ fn expect_closed(conn: &Connection) {
 }
 
 /// The VMM still answers, its guest still runs and has found nothing wrong.
-fn assert_healthy(vmm: &faultline::local::VmmProcess) {
+fn assert_healthy(vmm: &faultline_local::VmmProcess) {
     let mut c = client(vmm);
     let a = c.status().expect("status after abuse");
     let b = wait_status(&mut c, Duration::from_secs(20), |s| {
@@ -58,7 +58,7 @@ fn assert_healthy(vmm: &faultline::local::VmmProcess) {
     assert_eq!(b.failures, 0);
 }
 
-fn raw(vmm: &faultline::local::VmmProcess) -> Connection {
+fn raw(vmm: &faultline_local::VmmProcess) -> Connection {
     Connection::new(UnixStream::connect(&vmm.socket).expect("connect"))
 }
 

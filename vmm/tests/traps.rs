@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use faultline::vmm_protocol::messages::{ErrorCode, UffdMode};
+use faultline::vmm_protocol::messages::{CapabilityName, ErrorCode, UffdMode};
 
 fn check(backing: &str) {
     if !kvm_available() {
@@ -17,11 +17,11 @@ fn check(backing: &str) {
     let mut c = client(&vmm);
     let (hello, _fds) = c.hello("test").expect("hello");
     let uffd = hello
-        .capability("userfaultfd")
+        .capability(CapabilityName::Userfaultfd)
         .expect("userfaultfd listed")
         .clone();
     let kvm = hello
-        .capability("kvm-userfault")
+        .capability(CapabilityName::KvmUserfault)
         .expect("kvm-userfault listed")
         .clone();
     for cap in [&uffd, &kvm] {

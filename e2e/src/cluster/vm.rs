@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use faultline::local::client::SidecarClient;
 use faultline::sidecar_api::{GuestHealth, NodeInfo};
 use faultline::vmm_protocol::messages::VmState;
+use faultline_local::SidecarClient;
 use serde_json::{Value, json};
 
 use super::kube::{Kube, s, wait_for};

@@ -4,8 +4,8 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use faultline::kvm_userfault::{KVM_MEM_LOG_DIRTY_PAGES, Memslot, flag_names};
 use faultline::probe::errno_name;
+use faultline::trap::kvm_userfault::{KVM_MEM_LOG_DIRTY_PAGES, Memslot, flag_names};
 
 use super::testvm::TestVm;
 use crate::report::Fact;

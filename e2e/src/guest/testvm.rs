@@ -10,11 +10,11 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result, bail, ensure};
-use faultline::kvm_userfault::{
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_EXIT_MEMORY_FAULT, Memslot,
-};
 use faultline::probe::errno_name;
 use faultline::sys::MmapRegion;
+use faultline::trap::kvm_userfault::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_EXIT_MEMORY_FAULT, Memslot,
+};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 

@@ -12,14 +12,14 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use faultline::kvm_userfault::{
-    KVM_CAP_USERFAULT_FAULTLINE, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEMORY_EXIT_FLAG_USERFAULT,
-    Memslot, UserfaultBitmap,
-};
 use faultline::layout::{BackingKind, PAGE_SIZE};
 use faultline::probe::{errno_name, probe_trap_backends};
 use faultline::sys::MmapRegion;
-use faultline::trap::TrapBackend;
+use faultline::trap::Backend as TrapBackend;
+use faultline::trap::kvm_userfault::{
+    KVM_CAP_USERFAULT_FAULTLINE, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_MEMORY_EXIT_FLAG_USERFAULT,
+    Memslot, UserfaultBitmap,
+};
 use kvm_ioctls::Kvm;
 
 use super::Outcome;
@@ -105,7 +105,7 @@ impl Fixture {
         self.vm.set_memslot(&slot).map_err(|e| {
             anyhow::anyhow!(
                 "KVM_SET_USER_MEMORY_REGION2({}) = {}",
-                faultline::kvm_userfault::flag_names(slot.flags()),
+                faultline::trap::kvm_userfault::flag_names(slot.flags()),
                 errno_name(e)
             )
         })

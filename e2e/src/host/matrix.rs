@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use faultline::layout::BackingKind;
-use faultline::trap::TrapBackend;
+use faultline::trap::Backend as TrapBackend;
 
 use super::initramfs::Initramfs;
 use super::kernels::{self, KernelList, KernelSpec};

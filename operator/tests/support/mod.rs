@@ -75,19 +75,10 @@ pub fn nodes() -> Vec<(&'static str, Value)> {
     ]
 }
 
-/// True when KVM can be opened; tests that run VMs print why they skip otherwise.
+/// True when KVM can be opened; tests that run VMs skip otherwise, or fail where
+/// `FAULTLINE_REQUIRE_KVM` is set (CI), by the one rule in `faultline_local::kvm_or_skip`.
 pub fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
+    faultline_local::kvm_or_skip()
 }
 
 /// How the kubelet treats the next pods created through the API.
@@ -1158,7 +1149,7 @@ impl Drop for PodProcesses {
 
 /// Finds a workspace binary beside the test executable (`target/<profile>/deps/..`).
 pub fn binary(name: &str) -> PathBuf {
-    faultline::local::binary(name).unwrap_or_else(|e| panic!("{e}"))
+    faultline_local::binary(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs a scheduled pod's containers and reports it Ready once its sidecar is.

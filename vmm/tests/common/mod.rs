@@ -7,14 +7,14 @@
 use std::time::{Duration, Instant};
 
 pub use faultline::guest_memory::GuestMemory;
-use faultline::local::VmmProcess;
 use faultline::vmm_protocol::VmmClient;
 use faultline::vmm_protocol::messages::{HelloReply, VmStatus};
+use faultline_local::VmmProcess;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_faultline-vmm");
 
 pub fn kvm_available() -> bool {
-    faultline::local::kvm_or_skip()
+    faultline_local::kvm_or_skip()
 }
 
 /// Starts `faultline-vmm` (the one cargo built beside this test) with `args` and a control

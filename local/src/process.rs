@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::vmm_protocol::VmmClient;
-use crate::vmm_protocol::messages::VmStatus;
+use faultline::vmm_protocol::VmmClient;
+use faultline::vmm_protocol::messages::VmStatus;
+
+/// How long a process may take to become ready (or to exit when asked).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a wait for a process looks again.
+const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -123,7 +128,7 @@ impl VmmProcess {
             log,
             name,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if std::os::unix::net::UnixStream::connect(&vmm.socket).is_ok() {
                 return Ok(vmm);
@@ -139,10 +144,10 @@ impl VmmProcess {
             if Instant::now() > deadline {
                 return Err(LocalError::Timeout {
                     what: vmm.name.clone(),
-                    secs: 30,
+                    secs: READY_TIMEOUT.as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(POLL);
         }
     }
 
@@ -183,7 +188,7 @@ impl VmmProcess {
                     secs: timeout.as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(POLL);
         }
         let child = self.child.take().ok_or_else(|| LocalError::Other {
             what: self.name.clone(),
@@ -211,7 +216,7 @@ impl VmmProcess {
         if let Ok(mut c) = self.client() {
             let _ = c.shutdown();
         }
-        self.wait(Duration::from_secs(30))
+        self.wait(READY_TIMEOUT)
     }
 
     pub fn log(&self) -> String {
@@ -237,7 +242,26 @@ pub struct SidecarProcess {
 }
 
 impl SidecarProcess {
+    /// Starts a sidecar for the VMM at `vmm_socket` and waits until it has joined it (ready).
     pub fn start(tag: &str, vmm_socket: &Path) -> Result<Self, LocalError> {
+        let sidecar = Self::spawn(tag, vmm_socket)?;
+        let client = sidecar.client();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !client.ready() {
+            if Instant::now() > deadline {
+                return Err(LocalError::Timeout {
+                    what: format!("faultline-sidecar ({tag})"),
+                    secs: READY_TIMEOUT.as_secs(),
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(sidecar)
+    }
+
+    /// Starts a sidecar and returns once its API listens, joined to its VMM or not (for tests
+    /// of what a sidecar answers without one).
+    pub fn spawn(tag: &str, vmm_socket: &Path) -> Result<Self, LocalError> {
         let dir = scratch_dir(&format!("{tag}-sidecar"))?;
         let log = dir.join("sidecar.log");
         let what = format!("faultline-sidecar ({tag})");
@@ -273,26 +297,17 @@ impl SidecarProcess {
         };
         let api = addrs["api"].as_str().unwrap_or_default().to_string();
         let migration_port = addrs["migrationPort"].as_u64().unwrap_or(0) as u16;
-        let sidecar = Self {
+        Ok(Self {
             child,
             api,
             migration_port,
             log,
             _dir: dir,
-        };
-        let client = sidecar.client();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !client.ready() {
-            if Instant::now() > deadline {
-                return Err(LocalError::Timeout { what, secs: 30 });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(sidecar)
+        })
     }
 
-    pub fn client(&self) -> super::SidecarClient {
-        super::SidecarClient::new(&self.api)
+    pub fn client(&self) -> crate::SidecarClient {
+        crate::SidecarClient::new(&self.api)
     }
 
     /// The address a source uses to reach this sidecar's migration port.

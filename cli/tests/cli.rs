@@ -7,7 +7,7 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_faultline");
 
 fn kvm_available() -> bool {
-    faultline::local::kvm_or_skip()
+    faultline_local::kvm_or_skip()
 }
 
 fn demo(args: &[&str]) -> serde_json::Value {

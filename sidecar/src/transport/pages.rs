@@ -7,9 +7,12 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use faultline::bitmap::PageBitmap;
-use faultline::guest_memory::{GuestMemory, is_zero};
+use faultline::guest_memory::{GuestMemory, GuestMemoryError, is_zero};
 use faultline::layout::PAGE_SIZE;
-use faultline::wire::{PageEntry, PagesBatch, WireError};
+use faultline::page_batch::{PageEntry, PagesBatch};
+use faultline::wire::WireError;
+
+use crate::migration::{Link, Transferred};
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Pages per batch: 256 KiB of data at most, small enough that a fault reply queued behind a
@@ -21,23 +24,16 @@ pub enum SendError {
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("cannot read guest memory: {0}")]
-    Memory(#[from] faultline::guest_memory::GuestMemoryError),
+    Memory(#[from] GuestMemoryError),
 }
 
-/// What a send did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Sent {
-    pub pages: u64,
-    pub zero: u64,
-    /// Bytes of frames written.
-    pub bytes: u64,
-}
-
-impl std::ops::AddAssign for Sent {
-    fn add_assign(&mut self, o: Self) {
-        self.pages += o.pages;
-        self.zero += o.zero;
-        self.bytes += o.bytes;
+impl From<SendError> for Link {
+    /// A connection that failed is a broken link; guest memory that cannot be read is fatal.
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Wire(w) => Link::from_wire(w),
+            other => Link::fatal(other),
+        }
     }
 }
 
@@ -55,6 +51,11 @@ impl Pacer {
             start: Instant::now(),
             bytes: 0,
         }
+    }
+
+    /// No limit: fault replies and the stop-and-copy pass are never paced.
+    pub fn unlimited() -> Self {
+        Self::new(0)
     }
 
     fn account(&mut self, bytes: u64) {
@@ -91,8 +92,8 @@ impl<'a> PageSender<'a> {
         pages: impl IntoIterator<Item = u64>,
         known_zero: Option<&PageBitmap>,
         pacer: &mut Pacer,
-    ) -> Result<Sent, SendError> {
-        let mut total = Sent::default();
+    ) -> Result<Transferred, SendError> {
+        let mut total = Transferred::default();
         let mut batch = Vec::with_capacity(BATCH);
         let mut pages = pages.into_iter().peekable();
         while let Some(p) = pages.next() {
@@ -108,12 +109,12 @@ impl<'a> PageSender<'a> {
     }
 
     /// Sends at most [`BATCH`] pages as one frame.
-    pub fn send_batch(
+    fn send_batch(
         &mut self,
         w: &mut impl Write,
         pages: &[u64],
         known_zero: Option<&PageBitmap>,
-    ) -> Result<Sent, SendError> {
+    ) -> Result<Transferred, SendError> {
         debug_assert!(pages.len() <= BATCH);
         // Read runs of consecutive pages in one call each.
         let mut slot = 0usize;
@@ -160,35 +161,19 @@ impl<'a> PageSender<'a> {
                 }
             }
         }
-        let data_bytes = (parts.len() * PAGE) as u64;
-        PagesBatch::write_parts(w, &entries, &parts)?;
-        Ok(Sent {
+        let bytes = PagesBatch::write_parts(w, &entries, &parts)?;
+        Ok(Transferred {
             pages: pages.len() as u64,
             zero,
-            bytes: data_bytes + 8 * pages.len() as u64 + 24,
+            bytes,
         })
-    }
-}
-
-/// Makes the calling thread (one serving faults) real-time, best effort.
-pub fn prioritize_this_thread() {
-    if let Err(e) = faultline::sys::sched::realtime_this_thread() {
-        tracing::debug!("cannot make the fault thread real-time: {e}");
-    }
-}
-
-/// Lowers the calling thread's CPU priority (nice 10) for bulk work, so that on a busy host
-/// the threads serving faults run first: a vCPU is waiting on those, nobody on the bulk.
-pub fn deprioritize_this_thread() {
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
-        tracing::debug!("cannot lower the bulk thread's priority: {e}");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use faultline::wire::FrameReader;
 
     #[test]
     fn pacer_holds_the_rate() {
@@ -206,9 +191,44 @@ mod tests {
             took < Duration::from_millis(400),
             "over-throttled: {took:?}"
         );
-        let mut unlimited = Pacer::new(0);
+        let mut unlimited = Pacer::unlimited();
         let t = Instant::now();
         unlimited.account(1 << 30);
         assert!(t.elapsed() < Duration::from_millis(10));
+    }
+
+    /// Pages come out as batches of at most BATCH, zero pages (read or known) as markers, and
+    /// the bytes counted are the frames' bytes on the wire, as the target counts them.
+    #[test]
+    fn batches_markers_and_wire_bytes() {
+        let mem = GuestMemory::memfd(200).unwrap();
+        for p in [3u64, 4, 100, 150] {
+            mem.write(p, &[p as u8 + 1; PAGE]).unwrap();
+        }
+        let mut known_zero = PageBitmap::new(200);
+        known_zero.set(150); // claimed zero: not even read
+        let mut wire = Vec::new();
+        let sent = PageSender::new(&mem)
+            .send(
+                &mut wire,
+                0..200,
+                Some(&known_zero),
+                &mut Pacer::unlimited(),
+            )
+            .unwrap();
+        assert_eq!(sent.pages, 200);
+        assert_eq!(sent.zero, 197);
+        assert_eq!(sent.bytes, wire.len() as u64);
+
+        let mut r = FrameReader::new(&wire[..]);
+        let (mut frames, mut data) = (0, Vec::new());
+        while let Ok(f) = r.read() {
+            frames += 1;
+            let b = PagesBatch::parse(f.payload, 200).unwrap();
+            assert!(b.entries.len() <= BATCH);
+            data.extend(b.pages().filter_map(|(p, d)| d.map(|d| (p, d[0]))));
+        }
+        assert_eq!(frames, 200usize.div_ceil(BATCH));
+        assert_eq!(data, [(3, 4), (4, 5), (100, 101)]);
     }
 }

@@ -1,9 +1,10 @@
 //! The KVM Userfault UAPI (the posted "KVM: Introduce KVM Userfault" v3 series, carried by
 //! Faultline's own kernel patch in `kernel/`), and the few guest_memfd constants kvm-bindings
 //! 0.14 lacks. Owns the numbers, the userfault bitmap as KVM reads it, and building the
-//! memslot descriptor that carries the bitmap; it does not issue ioctls (the VMM does, since
-//! KVM only takes them from the process that created the VM) and it does not decide when to
-//! arm or disarm (the kvm-userfault trap backend does).
+//! memslot descriptor that carries the bitmap, and installing a page the way this backend
+//! needs (write, clear, wake). It does not issue ioctls (the VMM does, since KVM only takes
+//! them from the process that created the VM) and it does not decide when to arm or disarm
+//! (the sidecar's target engine does).
 //!
 //! The feature is out of tree, so nothing here may be trusted without a probe: detect it by
 //! setting [`KVM_MEM_USERFAULT`] on a memslot (see `crate::probe`), never by a capability
@@ -311,6 +312,22 @@ impl UserfaultBitmap {
             );
         }
     }
+}
+
+/// Installs `page` (zeros when `data` is `None`): its contents first, then its mark off with
+/// release ordering, then a wake for the vCPUs sleeping on the shared bitmap. A vCPU that sees
+/// the bit clear therefore sees the contents.
+pub fn install(
+    bitmap: &UserfaultBitmap,
+    mem: &crate::guest_memory::GuestMemory,
+    page: u64,
+    data: Option<&[u8]>,
+) -> Result<(), super::TrapError> {
+    const ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    mem.write(page, data.unwrap_or(&ZEROS))?;
+    bitmap.clear(page);
+    bitmap.wake();
+    Ok(())
 }
 
 #[cfg(feature = "kvm")]

@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use faultline::local::{LocalError, SidecarProcess, VmmProcess};
 use faultline::sidecar_api::{
     LatencySummary, MigrationStatus, Mode, Phase, Policy, Role, StartMigration,
 };
-use faultline::trap::TrapBackend;
+use faultline::trap::Backend;
 use faultline::units::{format_size, human_bytes, parse_duration, parse_size};
 use faultline::vmm_protocol::messages::VmStatus;
 use faultline::wire::Secret;
+use faultline_local::{LocalError, SidecarProcess, VmmProcess};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -106,7 +106,7 @@ pub struct GuestVerdict {
 pub struct Report {
     pub result: String,
     pub mode: Mode,
-    pub trap: Option<TrapBackend>,
+    pub trap: Option<Backend>,
     pub backing: String,
     pub memory_bytes: u64,
     pub vcpus: u32,
@@ -326,7 +326,9 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
 #[error("unavailable on this kernel: {0}")]
 pub struct Unavailable(pub String);
 
-/// Post-copy needs a trap on the target for this memory; says why there is none, if so.
+/// The demo is about post-copy: in post-copy and hybrid mode it needs a trap on the target for
+/// this memory, and says why there is none, if so (the rule the target sidecar applies,
+/// `faultline::trap::choose`, on the same VMM's offers, with no fallback to pre-copy).
 fn postcopy_unavailable(args: &DemoArgs, target: &VmmProcess) -> anyhow::Result<Option<String>> {
     if args.mode == ModeArg::Precopy {
         return Ok(None);
@@ -336,22 +338,19 @@ fn postcopy_unavailable(args: &DemoArgs, target: &VmmProcess) -> anyhow::Result<
         .context("target VMM")?
         .hello("faultline-demo")
         .context("target VMM hello")?;
-    let caps: Vec<_> = ["userfaultfd", "kvm-userfault"]
-        .iter()
-        .filter_map(|n| hello.capability(n))
-        .collect();
-    if caps.iter().any(|c| c.available) {
-        return Ok(None);
-    }
-    let reasons: Vec<String> = caps
-        .iter()
-        .map(|c| format!("{}: {}", c.name, c.reason.clone().unwrap_or_default()))
-        .collect();
-    Ok(Some(format!(
-        "post-copy of {} memory needs a trap mechanism and the target offers none ({})",
-        args.backing,
-        reasons.join("; ")
-    )))
+    let backing = hello
+        .layout
+        .regions
+        .first()
+        .map(|r| r.backing)
+        .context("the target VMM reports no memory")?;
+    let chosen = faultline::trap::choose(
+        Policy::default().trap,
+        Mode::PostCopy,
+        backing,
+        &hello.trap_offers(),
+    );
+    Ok(chosen.err().map(|e| e.to_string()))
 }
 
 fn phase_name(p: Phase) -> String {

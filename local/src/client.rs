@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::sidecar_api::{ApiError, MigrationStatus, NodeInfo, StartMigration};
+use faultline::sidecar_api::{ApiError, MigrationStatus, NodeInfo, StartMigration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -5,16 +5,19 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use faultline::sidecar_api::Role;
 use faultline::wire::frame::FrameReader;
 use faultline::wire::handshake::{self, refuse};
 
-use crate::state::{Accepted, Sidecar};
+use crate::migration::Accepted;
+use crate::node::Sidecar;
 
 /// Time a peer has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a handshake that arrived before the target engine knew its layout looks again.
+const LAYOUT_POLL: Duration = Duration::from_millis(5);
 
 pub fn spawn(listener: TcpListener, sidecar: Arc<Sidecar>) -> std::io::Result<()> {
     std::thread::Builder::new()
@@ -68,27 +71,21 @@ fn accept(stream: TcpStream, sidecar: &Sidecar) -> Result<(), String> {
     };
     // The target engine learns its layout right after the migration starts; a source that
     // connects at once waits for it rather than being turned away.
-    let ready_by = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let ready_by = Instant::now() + HANDSHAKE_TIMEOUT;
     let digest = loop {
         if let Some(d) = m.digest.get() {
             break d;
         }
-        if m.phase().is_terminal() || std::time::Instant::now() > ready_by {
+        if m.phase().is_terminal() || Instant::now() > ready_by {
             return Err(refuse(&mut writer, "the target is not ready".into()).to_string());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(LAYOUT_POLL);
     };
     handshake::server_finish(&mut reader, &mut writer, &hello, &m.secret, digest)
         .map_err(|e| e.to_string())?;
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    let inbox = m.inbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    match inbox {
-        Some(tx) => tx
-            .send(Accepted {
-                channel: hello.channel,
-                stream,
-            })
-            .map_err(|_| "the target migration stopped listening".to_string()),
-        None => Err("the target migration is not accepting connections".into()),
-    }
+    m.deliver(Accepted {
+        channel: hello.channel,
+        stream,
+    })
 }

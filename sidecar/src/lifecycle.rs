@@ -1,0 +1,222 @@
+//! Starting, finishing and cancelling migrations: the top of the sidecar. A start request is
+//! checked against itself and the VM, becomes the current [`Migration`], and its role's engine
+//! ([`crate::source`] or [`crate::target`]) runs on a thread of its own inside the migration's
+//! tracing span; when the engine returns, the outcome is recorded.
+//!
+//! Nothing below this module calls back into it.
+
+use std::sync::Arc;
+
+use faultline::sidecar_api::{Role, StartMigration, validate_id};
+use faultline::vmm_protocol::messages::{HelloReply, VmState};
+use faultline::wire::Secret;
+
+use crate::metrics::{ResultLabels, role_name};
+use crate::migration::{Migration, Stop};
+use crate::node::Sidecar;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StartError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request conflicts with the VM or another migration (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The sidecar cannot start anything yet (503).
+    #[error("{0}")]
+    NotReady(String),
+}
+
+/// Checks a start request on its own, without the VM: id, policy, secret, and the peer the
+/// role needs. Returns the decoded secret.
+pub fn check_request(req: &StartMigration) -> Result<Secret, StartError> {
+    validate_id(&req.id).map_err(StartError::BadRequest)?;
+    req.policy.validate().map_err(StartError::BadRequest)?;
+    let secret = Secret::from_base64(&req.secret).map_err(StartError::BadRequest)?;
+    match (req.role, &req.peer) {
+        (Role::Source, None) => Err(StartError::BadRequest(
+            "a source needs `peer`: the target's migration address".into(),
+        )),
+        (Role::Source, Some(peer))
+            if peer.parse::<std::net::SocketAddr>().is_err() && !peer.contains(':') =>
+        {
+            Err(StartError::BadRequest(format!(
+                "peer `{peer}` is not host:port"
+            )))
+        }
+        (Role::Target, Some(_)) => Err(StartError::BadRequest(
+            "a target takes no `peer`; the source connects to it".into(),
+        )),
+        _ => Ok(secret),
+    }
+}
+
+/// Checks that the VM can play `role`: a source's must be running, a target's VMM must be
+/// in incoming mode and never have run.
+pub fn check_vm(role: Role, vm: &HelloReply) -> Result<(), StartError> {
+    match role {
+        Role::Source if vm.incoming || vm.state != VmState::Running => {
+            Err(StartError::Conflict(format!(
+                "a migration source needs a running VM; this VM is {:?}{}",
+                vm.state,
+                if vm.incoming { " (incoming)" } else { "" }
+            )))
+        }
+        Role::Target if !vm.incoming || vm.state != VmState::Incoming => {
+            Err(StartError::Conflict(format!(
+                "a migration target needs a VMM in incoming mode that has not run; this one is {:?}",
+                vm.state
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Starts (or, for an identical repeated request, finds) a migration. The flag says whether
+/// it was created now.
+pub fn start(
+    sidecar: &Arc<Sidecar>,
+    req: StartMigration,
+) -> Result<(Arc<Migration>, bool), StartError> {
+    let secret = check_request(&req)?;
+    if let Some(existing) = sidecar.find(&req.id) {
+        return if existing.request == req {
+            Ok((existing, false))
+        } else {
+            Err(StartError::Conflict(format!(
+                "migration `{}` already exists with a different request",
+                req.id
+            )))
+        };
+    }
+    let vm = sidecar
+        .refresh_vm()
+        .map_err(|e| StartError::NotReady(format!("not joined to the VMM: {e}")))?;
+    check_vm(req.role, &vm)?;
+    let m = Arc::new(Migration::new(req, secret));
+    // The target's inbox opens before the migration is visible, so the listener never finds
+    // a current target migration that cannot take its connections.
+    let inbox = (m.role == Role::Target).then(|| m.open_inbox());
+    sidecar
+        .begin(m.clone())
+        .map_err(|cur| StartError::Conflict(format!("migration `{}` is in progress", cur.id)))?;
+    let (s, mm) = (sidecar.clone(), m.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("{}-engine", role_name(m.role)))
+        .spawn(move || {
+            let span = tracing::info_span!("migration", id = %mm.id, role = role_name(mm.role));
+            let _in = span.enter();
+            let result = match inbox {
+                None => crate::source::run(&s, &mm),
+                Some(rx) => crate::target::run(&s, &mm, rx),
+            };
+            finish(&s, &mm, result);
+        });
+    if let Err(e) = spawned {
+        // The migration is current: end it, so that it neither blocks the next one nor looks
+        // like it runs.
+        m.close_inbox();
+        m.fail(format!("cannot start the migration thread: {e}"));
+        return Err(StartError::NotReady(format!(
+            "cannot start the migration thread: {e}"
+        )));
+    }
+    Ok((m, true))
+}
+
+/// Records how an engine ended, in the migration and in the metrics.
+fn finish(sidecar: &Sidecar, m: &Migration, result: Result<(), Stop>) {
+    let outcome = m.end(&result);
+    m.close_inbox();
+    sidecar
+        .metrics
+        .migrations
+        .get_or_create(&ResultLabels {
+            role: role_name(m.role).into(),
+            result: outcome.into(),
+        })
+        .inc();
+}
+
+/// Requests cancellation; only before the commit point (see [`Migration::request_cancel`]).
+/// Success means the migration will not commit: the source keeps the VM.
+pub fn cancel(m: &Migration) -> Result<(), String> {
+    m.request_cancel()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use faultline::sidecar_api::Policy;
+
+    fn request(role: Role, peer: Option<&str>) -> StartMigration {
+        StartMigration {
+            id: "ns/m/1".into(),
+            role,
+            peer: peer.map(String::from),
+            secret: Secret::generate().unwrap().to_base64(),
+            policy: Policy::default(),
+        }
+    }
+
+    fn bad(req: &StartMigration) -> String {
+        match check_request(req) {
+            Err(StartError::BadRequest(why)) => why,
+            other => panic!("expected a bad request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_without_a_vm() {
+        assert!(check_request(&request(Role::Source, Some("10.0.0.1:9181"))).is_ok());
+        assert!(check_request(&request(Role::Source, Some("target.ns:9181"))).is_ok());
+        assert!(check_request(&request(Role::Target, None)).is_ok());
+        assert!(bad(&request(Role::Source, None)).contains("needs `peer`"));
+        assert!(bad(&request(Role::Source, Some("nowhere"))).contains("host:port"));
+        assert!(bad(&request(Role::Target, Some("a:1"))).contains("takes no `peer`"));
+        let mut r = request(Role::Target, None);
+        r.id = "a b".into();
+        assert!(bad(&r).contains("id contains"));
+        let mut r = request(Role::Target, None);
+        r.secret = "c2hvcnQ=".into();
+        bad(&r);
+        let mut r = request(Role::Target, None);
+        r.policy.max_downtime_ms = 0;
+        assert!(bad(&r).contains("maxDowntimeMs"));
+    }
+
+    #[test]
+    fn the_vm_must_fit_the_role() {
+        let hello = |incoming: bool, state: VmState| -> HelloReply {
+            serde_json::from_value(serde_json::json!({
+                "protocol": 1, "vmm": "v", "vm_id": "vm", "vcpus": 1, "incoming": incoming,
+                "state": state,
+                "layout": {"regions": [{"guest_phys_addr": 0, "size": 4096, "backing": "memfd",
+                    "fd": 0, "file_offset": 0, "page_size": 4096, "host_addr": 4096}]},
+                "capabilities": []
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            check_vm(Role::Source, &hello(false, VmState::Running)),
+            Ok(())
+        );
+        assert_eq!(
+            check_vm(Role::Target, &hello(true, VmState::Incoming)),
+            Ok(())
+        );
+        for (role, vm) in [
+            (Role::Source, hello(false, VmState::Paused)),
+            (Role::Source, hello(true, VmState::Running)),
+            (Role::Target, hello(false, VmState::Running)),
+            (Role::Target, hello(true, VmState::Paused)),
+        ] {
+            assert!(
+                matches!(check_vm(role, &vm), Err(StartError::Conflict(_))),
+                "{role:?} on {:?}",
+                vm.state
+            );
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Arming and disarming the trap: the backend is picked by the core's one rule
+//! (`faultline::trap::choose`) from what this VMM offers for its memory, so the target and the
+//! operator, which applied the same rule to the node's probes, agree.
+
+use anyhow::Context;
+use faultline::guest_memory::GuestMemory;
+use faultline::layout::BackingKind;
+use faultline::postcopy::Installer;
+use faultline::sidecar_api::Mode;
+use faultline::sys::uffd::Userfaultfd;
+use faultline::trap::kvm_userfault::UserfaultBitmap;
+use faultline::trap::{self, Armed, Backend};
+use faultline::vmm_protocol::VmmClient;
+use faultline::vmm_protocol::messages::UffdMode;
+
+use super::Target;
+use crate::migration::Stop;
+
+/// What the target installs pages with: the installer (holding the armed trap, if any) and,
+/// under KVM Userfault, the VMM connection its fault events arrive on.
+pub(super) struct ArmedTrap {
+    pub installer: Installer,
+    pub events: Option<VmmClient>,
+}
+
+impl Target<'_> {
+    /// Picks and arms the trap the source's plan needs (none when the migration cannot end in
+    /// post-copy, or a hybrid one falls back to pre-copy), and starts preallocating
+    /// file-backed memory when pre-copy passes will fill it.
+    pub(super) fn arm(
+        &mut self,
+        mode: Mode,
+        postcopy: bool,
+        mem: GuestMemory,
+        precopy: bool,
+    ) -> Result<ArmedTrap, Stop> {
+        let m = self.m;
+        let backing = self
+            .hello
+            .layout
+            .regions
+            .first()
+            .map(|r| r.backing)
+            .ok_or_else(|| Stop::failed("the VMM reports no memory"))?;
+        let backend = if postcopy {
+            let choice = trap::choose(m.policy.trap, mode, backing, &self.hello.trap_offers())
+                .map_err(Stop::failed)?;
+            if choice.backend.is_none() {
+                tracing::warn!(
+                    "post-copy unavailable, offering pre-copy only: {}",
+                    choice.reason
+                );
+                m.set_message(format!("post-copy unavailable: {}", choice.reason));
+            }
+            choice.backend
+        } else {
+            None
+        };
+        let (armed, events) = match backend {
+            None => (None, None),
+            Some(Backend::Userfaultfd) => {
+                let (_, fd) = self
+                    .vmm
+                    .userfaultfd_register(UffdMode::Missing)
+                    .context("the VMM could not register RAM with userfaultfd")?;
+                (Some(Armed::Userfaultfd(Userfaultfd::from(fd))), None)
+            }
+            Some(Backend::KvmUserfault) => {
+                // The VMM reports faults on the connection that armed it: a second one.
+                let mut events = VmmClient::connect(&self.sidecar.vmm_socket)
+                    .context("cannot open the VMM's event connection")?;
+                let (reply, fd) = events
+                    .kvm_userfault_arm()
+                    .context("the VMM could not arm KVM Userfault")?;
+                let bitmap = UserfaultBitmap::open_shared(fd, reply.pages)
+                    .context("cannot map the VMM's userfault bitmap")?;
+                (Some(Armed::KvmUserfault(bitmap)), Some(events))
+            }
+        };
+        let installer = Installer::new(mem, armed);
+        m.set_trap(installer.trap());
+        let all_anon = self
+            .hello
+            .layout
+            .regions
+            .iter()
+            .all(|r| r.backing == BackingKind::Anon);
+        if precopy && !all_anon {
+            installer
+                .start_preallocation()
+                .context("cannot start preallocating memory")?;
+        }
+        Ok(ArmedTrap { installer, events })
+    }
+
+    /// Every page is valid: the VMM drops the trap (and, for userfaultfd, its own reference).
+    pub(super) fn disarm(&mut self, installer: &Installer) -> Result<(), Stop> {
+        match installer.trap() {
+            Some(Backend::Userfaultfd) => {
+                self.vmm
+                    .userfaultfd_disarm()
+                    .context("cannot disarm the userfaultfd")?;
+            }
+            Some(Backend::KvmUserfault) => {
+                self.vmm
+                    .kvm_userfault_disarm()
+                    .context("cannot disarm KVM Userfault")?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}

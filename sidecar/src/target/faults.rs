@@ -1,0 +1,160 @@
+//! The fault handler: where a vCPU's touch of a missing page becomes a request to the source
+//! and, when the page arrives, an installed page and a woken vCPU.
+//!
+//! It reads fault events — from the userfaultfd, or from the VMM's event connection under KVM
+//! Userfault — and fault replies on the urgent channel, until every page is valid. A first
+//! fault on a missing page sends a request; a fault on a page being installed waits for that
+//! install to wake it; a fault on a page that became valid meanwhile is woken at once.
+
+use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use faultline::guest_memory::GuestMemory;
+use faultline::page_batch::PagesBatch;
+use faultline::postcopy::{FaultOutcome, Installer};
+use faultline::sync::lock;
+use faultline::sys::uffd::Userfaultfd;
+use faultline::vmm_protocol::VmmClient;
+use faultline::vmm_protocol::messages::Event as VmmEvent;
+use faultline::wire::FaultRequest;
+use faultline::wire::frame::{FrameReader, FrameType};
+use faultline::wire::messages::MAX_BATCH;
+use rustix::event::{PollFd, PollFlags};
+
+use super::Target;
+use super::postcopy::Waiting;
+use crate::migration::{Link, Stop};
+
+/// How long one wait for fault events or replies lasts before the handler looks whether every
+/// page is valid or the session ended.
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// At the end, replies still in flight are read and dropped for this long...
+const DRAIN_WINDOW: Duration = Duration::from_millis(500);
+/// ...each read waiting at most this much.
+const DRAIN_READ_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Where fault events come from.
+enum Faults<'a> {
+    /// The userfaultfd reports host addresses in the VMM.
+    Userfaultfd(&'a Userfaultfd, &'a GuestMemory),
+    /// The VMM reports one page per event under KVM Userfault.
+    Vmm(&'a mut VmmClient),
+}
+
+impl Faults<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Userfaultfd(uffd, _) => uffd.as_fd(),
+            Self::Vmm(client) => client.socket(),
+        }
+    }
+
+    /// Appends the pages of the pending fault events to `pages`.
+    fn read(&mut self, total: u64, pages: &mut Vec<u64>) -> Result<(), Link> {
+        match self {
+            Self::Userfaultfd(uffd, mem) => {
+                faultline::trap::userfaultfd::read_faults(uffd, mem, pages)
+                    .map_err(|e| Link::fatal(format!("reading faults: {e}")))
+            }
+            Self::Vmm(client) => {
+                let VmmEvent::Userfault { page, .. } = client
+                    .next_event()
+                    .map_err(|e| Link::fatal(format!("the VMM's userfault events stopped: {e}")))?;
+                if page < total {
+                    pages.push(page);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Target<'_> {
+    /// Reads fault events and fault replies until every page is valid or `done` is set, then
+    /// closes the urgent channel gracefully.
+    pub(super) fn handle_faults(
+        &self,
+        installer: &Installer,
+        events: &mut Option<VmmClient>,
+        urgent: TcpStream,
+        waiting: &Waiting,
+        done: &AtomicBool,
+    ) -> Result<(), Link> {
+        let mut faults = match (installer.uffd(), events.as_mut()) {
+            (Some(uffd), _) => Faults::Userfaultfd(uffd, installer.memory()),
+            (None, Some(client)) => Faults::Vmm(client),
+            (None, None) => return Err(Link::fatal("post-copy without a trap")),
+        };
+        let mut writer = urgent
+            .try_clone()
+            .map_err(|e| Link::fatal(format!("clone urgent socket: {e}")))?;
+        let mut reader = FrameReader::new(urgent);
+        let mut requests = Vec::new();
+        let mut faulted = Vec::new();
+        // After a reconnect: ask again for what vCPUs were already waiting for.
+        for chunk in installer.states().waiting_pages().chunks(MAX_BATCH) {
+            FaultRequest::write(&mut writer, chunk).map_err(Link::from_wire)?;
+        }
+        let timeout = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: POLL_TIMEOUT.as_nanos() as i64,
+        };
+        while !installer.states().all_valid() && !done.load(Ordering::Acquire) {
+            let fault_fd = faults.fd();
+            let mut fds = [
+                PollFd::new(&fault_fd, PollFlags::IN),
+                PollFd::new(reader.get_ref(), PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(Link::fatal(format!("poll failed: {e}"))),
+            }
+            let (faulting, replied) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            if faulting {
+                faulted.clear();
+                faults.read(self.total, &mut faulted)?;
+                requests.clear();
+                for &page in &faulted {
+                    match installer.states().fault(page) {
+                        FaultOutcome::Fetch => {
+                            lock(waiting).insert(page, Instant::now());
+                            requests.push(page);
+                        }
+                        FaultOutcome::Wake => installer
+                            .wake(page)
+                            .map_err(|e| Link::fatal(format!("wake: {e}")))?,
+                        FaultOutcome::Pending => {}
+                    }
+                }
+                if !requests.is_empty() {
+                    let n = requests.len() as u64;
+                    self.m.counters.faults.fetch_add(n, Ordering::Relaxed);
+                    self.sidecar.metrics.faults.inc_by(n);
+                    for chunk in requests.chunks(MAX_BATCH) {
+                        FaultRequest::write(&mut writer, chunk).map_err(Link::from_wire)?;
+                    }
+                }
+            }
+            if replied {
+                let frame = reader.read().map_err(Link::from_wire)?;
+                if frame.kind != FrameType::Pages {
+                    return Err(Link::fatal(format!(
+                        "unexpected {:?} frame on the urgent channel",
+                        frame.kind
+                    )));
+                }
+                let batch = PagesBatch::parse(frame.payload, self.total).map_err(Stop::from)?;
+                self.install_batch(installer, &batch, frame.wire_len(), waiting)?;
+            }
+        }
+        // Close gracefully: replies still in flight are read and dropped, so the source sees
+        // an orderly end rather than a reset.
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+        let _ = reader.get_ref().set_read_timeout(Some(DRAIN_READ_TIMEOUT));
+        let until = Instant::now() + DRAIN_WINDOW;
+        while Instant::now() < until && reader.read().is_ok() {}
+        Ok(())
+    }
+}

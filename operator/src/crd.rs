@@ -156,10 +156,21 @@ pub struct MigrationPolicy {
     /// Cap on pre-copy and background-push bandwidth in bytes per second (0: none). Replies to
     /// post-copy faults are never limited.
     pub bandwidth_limit: u64,
-    /// Fail if not done in this many seconds (before the point of no return the source keeps
-    /// running).
+    /// Fail if not done in this many seconds per GiB of guest memory (KubeVirt's
+    /// completionTimeoutPerGiB; 150 gives a 64 GiB VM 2 h 40 min). Before the point of no
+    /// return the source keeps running; after it the migration can only complete.
+    #[schemars(range(min = 1, max = 86_400))]
+    #[serde(rename = "completionTimeoutPerGiB")]
+    pub completion_timeout_per_gib: u64,
+    /// A fixed completion timeout in seconds, instead of one per GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604_800))]
-    pub completion_timeout_s: u64,
+    pub completion_timeout_s: Option<u64>,
+    /// No byte moved for this many seconds: before the point of no return the migration fails
+    /// (the source runs on); after it the migration is marked `Stalled` (condition, event,
+    /// metric) until bytes move again, because it can only complete.
+    #[schemars(range(min = 10, max = 86_400))]
+    pub progress_timeout_s: u64,
     /// The post-copy trap mechanism on the target: `Auto` picks the best one the target node
     /// offers for the VM's memory backing.
     #[serde(with = "trap_preference")]
@@ -173,6 +184,12 @@ const _: () = assert!(MAX_PRECOPY_PASSES == 1000);
 const _: () = assert!(MAX_DOWNTIME_MS == 600_000);
 const _: () = assert!(MAX_COMPLETION_TIMEOUT_S == 604_800);
 
+/// Seconds of completion timeout per GiB of guest memory, by default (KubeVirt's default).
+pub const DEFAULT_COMPLETION_TIMEOUT_PER_GIB: u64 = 150;
+/// Seconds without progress that make a migration stall, by default (KubeVirt's default).
+pub const DEFAULT_PROGRESS_TIMEOUT_S: u64 = 150;
+const GIB: u64 = 1 << 30;
+
 impl Default for MigrationPolicy {
     fn default() -> Self {
         Self::from_sidecar(&sidecar_api::Policy::default())
@@ -180,8 +197,19 @@ impl Default for MigrationPolicy {
 }
 
 impl MigrationPolicy {
-    /// The same policy in the sidecar's terms.
-    pub fn to_sidecar(&self) -> sidecar_api::Policy {
+    /// The completion timeout for a VM of `memory_bytes`: the fixed one if given, else per
+    /// GiB (at least one GiB), within the sidecar's limit.
+    pub fn completion_timeout(&self, memory_bytes: u64) -> u64 {
+        self.completion_timeout_s.unwrap_or_else(|| {
+            let gib = memory_bytes.div_ceil(GIB).max(1);
+            self.completion_timeout_per_gib
+                .saturating_mul(gib)
+                .min(MAX_COMPLETION_TIMEOUT_S)
+        })
+    }
+
+    /// The same policy in the sidecar's terms, for a VM of `memory_bytes`.
+    pub fn to_sidecar(&self, memory_bytes: u64) -> sidecar_api::Policy {
         sidecar_api::Policy {
             mode: self.mode.into(),
             precopy_passes: self.precopy_passes,
@@ -192,12 +220,14 @@ impl MigrationPolicy {
             convergence_ratio: self.convergence_ratio,
             max_downtime_ms: self.max_downtime_ms,
             bandwidth_limit: self.bandwidth_limit,
-            completion_timeout_s: self.completion_timeout_s,
+            completion_timeout_s: self.completion_timeout(memory_bytes),
             trap: self.trap,
         }
     }
 
-    pub fn from_sidecar(p: &sidecar_api::Policy) -> Self {
+    /// The sidecar's policy in Kubernetes terms, with the operator's own timeouts at their
+    /// defaults (the completion timeout per GiB rather than the sidecar's fixed one).
+    fn from_sidecar(p: &sidecar_api::Policy) -> Self {
         Self {
             mode: p.mode.into(),
             precopy_passes: p.precopy_passes,
@@ -208,15 +238,28 @@ impl MigrationPolicy {
             convergence_ratio: p.convergence_ratio,
             max_downtime_ms: p.max_downtime_ms,
             bandwidth_limit: p.bandwidth_limit,
-            completion_timeout_s: p.completion_timeout_s,
+            completion_timeout_per_gib: DEFAULT_COMPLETION_TIMEOUT_PER_GIB,
+            completion_timeout_s: None,
+            progress_timeout_s: DEFAULT_PROGRESS_TIMEOUT_S,
             trap: p.trap,
         }
     }
 
-    /// The same checks the sidecar makes, so a bad policy fails before anything moves (the
-    /// API server's schema rejects these already; this guards objects written around it).
+    /// The same checks the sidecar makes, and the operator's own, so a bad policy fails
+    /// before anything moves (the API server's schema rejects these already; this guards
+    /// objects written around it).
     pub fn validate(&self) -> Result<(), String> {
-        self.to_sidecar().validate()
+        if !(1..=86_400).contains(&self.completion_timeout_per_gib) {
+            return Err("completionTimeoutPerGiB must be 1 to 86400 seconds".into());
+        }
+        if !(10..=86_400).contains(&self.progress_timeout_s) {
+            return Err("progressTimeoutS must be 10 to 86400 seconds".into());
+        }
+        let mut p = self.to_sidecar(GIB);
+        if let Some(t) = self.completion_timeout_s {
+            p.completion_timeout_s = t;
+        }
+        p.validate()
     }
 }
 
@@ -427,6 +470,12 @@ pub struct VirtualMachineMigrationStatus {
     /// Deletion was requested after the point of no return; the migration finishes first.
     #[serde(default)]
     pub deletion_deferred: bool,
+    /// When the migration last moved a byte (progress timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
+    /// No byte has moved for the progress timeout, after the point of no return.
+    #[serde(default)]
+    pub stalled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
@@ -483,6 +532,8 @@ pub mod condition {
     pub const ADMITTED: &str = "Admitted";
     pub const TARGET_READY: &str = "TargetReady";
     pub const COMMITTED: &str = "Committed";
+    /// True while post-copy has moved nothing for the progress timeout.
+    pub const STALLED: &str = "Stalled";
     pub const SUCCEEDED: &str = "Succeeded";
 }
 

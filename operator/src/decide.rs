@@ -62,9 +62,10 @@ pub struct MechanismChoice {
 pub fn choose_mechanism(
     policy: &MigrationPolicy,
     backing: faultline::BackingKind,
+    memory_bytes: u64,
     target: &NodeInfo,
 ) -> Result<MechanismChoice, String> {
-    let spec = policy.to_sidecar();
+    let spec = policy.to_sidecar(memory_bytes);
     let choice = trap::choose(spec.trap, spec.mode, backing, &target.trap_backends)
         .map_err(|e| e.to_string())?;
     Ok(MechanismChoice {
@@ -247,16 +248,16 @@ mod tests {
             (GuestMemfd, Userfaultfd, false),
             (GuestMemfd, KvmUserfault, true),
         ]);
-        let c = choose_mechanism(&policy(json!({})), Memfd, &n).expect("memfd");
+        let c = choose_mechanism(&policy(json!({})), Memfd, 1 << 30, &n).expect("memfd");
         assert_eq!(
             (c.mode, c.mechanism.as_str()),
             (MigrationMode::Hybrid, "userfaultfd")
         );
         assert_eq!(c.policy.trap, Preference::Only(TrapBackend::Userfaultfd));
-        let c = choose_mechanism(&policy(json!({})), GuestMemfd, &n).expect("guest-memfd");
+        let c = choose_mechanism(&policy(json!({})), GuestMemfd, 1 << 30, &n).expect("guest-memfd");
         assert_eq!(c.mechanism, "kvm-userfault");
         assert_eq!(c.policy.trap, Preference::Only(TrapBackend::KvmUserfault));
-        let c = choose_mechanism(&policy(json!({"trap": "KvmUserfault"})), Memfd, &n)
+        let c = choose_mechanism(&policy(json!({"trap": "KvmUserfault"})), Memfd, 1 << 30, &n)
             .expect("explicit");
         assert_eq!(c.mechanism, "kvm-userfault");
     }
@@ -271,8 +272,13 @@ mod tests {
             (GuestMemfd, KvmUserfault, false),
             (Memfd, Userfaultfd, true),
         ]);
-        let c = choose_mechanism(&policy(json!({"precopyPasses": 0})), GuestMemfd, &n)
-            .expect("hybrid falls back");
+        let c = choose_mechanism(
+            &policy(json!({"precopyPasses": 0})),
+            GuestMemfd,
+            1 << 30,
+            &n,
+        )
+        .expect("hybrid falls back");
         assert_eq!(
             (c.mode, c.mechanism.as_str()),
             (MigrationMode::PreCopy, "none")
@@ -288,20 +294,25 @@ mod tests {
             c.reason
         );
 
-        let e = choose_mechanism(&policy(json!({"mode": "PostCopy"})), GuestMemfd, &n)
-            .expect_err("post-copy needs a mechanism");
+        let e = choose_mechanism(
+            &policy(json!({"mode": "PostCopy"})),
+            GuestMemfd,
+            1 << 30,
+            &n,
+        )
+        .expect_err("post-copy needs a mechanism");
         assert!(
             e.contains("post-copy is impossible") && e.contains("guest-memfd"),
             "{e}"
         );
-        let e = choose_mechanism(&policy(json!({"trap": "KvmUserfault"})), Memfd, &n)
+        let e = choose_mechanism(&policy(json!({"trap": "KvmUserfault"})), Memfd, 1 << 30, &n)
             .expect_err("explicit kvm-userfault is missing");
         assert!(e.contains("kvm-userfault"), "{e}");
-        let e = choose_mechanism(&policy(json!({"mode": "PostCopy"})), Anon, &n)
+        let e = choose_mechanism(&policy(json!({"mode": "PostCopy"})), Anon, 1 << 30, &n)
             .expect_err("nothing offered for anon");
         assert!(e.contains("offers no trap backend for anon"), "{e}");
         // Pre-copy needs nothing.
-        let c = choose_mechanism(&policy(json!({"mode": "PreCopy"})), GuestMemfd, &n)
+        let c = choose_mechanism(&policy(json!({"mode": "PreCopy"})), GuestMemfd, 1 << 30, &n)
             .expect("pre-copy");
         assert_eq!(c.mechanism, "none");
     }

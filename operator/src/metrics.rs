@@ -42,6 +42,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Requests to sidecars by operation and result (`ok`, `error`, `unreachable`).
     pub sidecar_requests: Family<Labels, Counter>,
+    /// Post-copy migrations that stalled (moved nothing for their progress timeout).
+    pub stalls: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +72,12 @@ impl Metrics {
             "phase_transitions",
             "Migration phases entered",
             phase_transitions.clone(),
+        );
+        let stalls = Counter::default();
+        registry.register(
+            "migration_stalls",
+            "Post-copy migrations that moved nothing for their progress timeout",
+            stalls.clone(),
         );
         let migrations_finished = Family::<Labels, Counter>::default();
         registry.register(
@@ -113,6 +121,7 @@ impl Metrics {
             reconcile_seconds,
             phase_transitions,
             migrations_finished,
+            stalls,
             downtime_seconds,
             migration_seconds,
             queued,

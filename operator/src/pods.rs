@@ -145,14 +145,6 @@ pub fn pod_state(pod: &Pod, when: ReadyWhen) -> PodState {
         return PodState::Starting("no status yet".into());
     };
     let phase = status.phase.as_deref().unwrap_or("Pending");
-    if matches!(phase, "Failed" | "Succeeded") {
-        let why = status
-            .message
-            .clone()
-            .or_else(|| status.reason.clone())
-            .unwrap_or_default();
-        return PodState::Finished(format!("pod phase {phase} {why}").trim().to_string());
-    }
     let never_restarts =
         pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("Never");
     if never_restarts
@@ -167,6 +159,14 @@ pub fn pod_state(pod: &Pod, when: ReadyWhen) -> PodState {
         })
     {
         return PodState::Finished(why);
+    }
+    if matches!(phase, "Failed" | "Succeeded") {
+        let why = status
+            .message
+            .clone()
+            .or_else(|| status.reason.clone())
+            .unwrap_or_default();
+        return PodState::Finished(format!("pod phase {phase} {why}").trim().to_string());
     }
     let cond = |t: &str| {
         status

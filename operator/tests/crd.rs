@@ -153,12 +153,20 @@ fn schema_limits_are_the_core_library_limits() {
         Some(MAX_COMPLETION_TIMEOUT_S as f64)
     );
     // Defaults in the schema are the sidecar's defaults, so an omitted field means the same
-    // to the API server, the operator and the sidecar.
-    let d = sidecar_api::Policy::default();
+    // to the API server, the operator and the sidecar; only the completion timeout is the
+    // operator's, per GiB of guest memory.
+    let mut d = sidecar_api::Policy::default();
     let back: MigrationPolicy =
         serde_json::from_value(s["properties"]["spec"]["properties"]["policy"]["default"].clone())
             .expect("policy default");
-    assert_eq!(back.to_sidecar(), d);
+    d.completion_timeout_s = 4 * faultline_operator::crd::DEFAULT_COMPLETION_TIMEOUT_PER_GIB;
+    assert_eq!(back.to_sidecar(4 << 30), d);
+    // 64 GiB: two hours and forty minutes; a fixed timeout overrides.
+    assert_eq!(back.completion_timeout(64 << 30), 9600);
+    assert_eq!(back.completion_timeout(100 << 20), 150);
+    let fixed: MigrationPolicy =
+        serde_json::from_value(json!({"completionTimeoutS": 60})).expect("policy");
+    assert_eq!(fixed.completion_timeout(64 << 30), 60);
 }
 
 #[test]

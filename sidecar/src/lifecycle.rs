@@ -52,17 +52,15 @@ pub fn check_request(req: &StartMigration) -> Result<Secret, StartError> {
     }
 }
 
-/// Checks that the VM can play `role`: a source's must be running, a target's VMM must be
-/// in incoming mode and never have run.
+/// Checks that the VM can play `role`: a source's must be running (a VM that arrived by an
+/// earlier migration, in a VMM started in incoming mode, may leave again), a target's VMM must
+/// be in incoming mode and never have run.
 pub fn check_vm(role: Role, vm: &HelloReply) -> Result<(), StartError> {
     match role {
-        Role::Source if vm.incoming || vm.state != VmState::Running => {
-            Err(StartError::Conflict(format!(
-                "a migration source needs a running VM; this VM is {:?}{}",
-                vm.state,
-                if vm.incoming { " (incoming)" } else { "" }
-            )))
-        }
+        Role::Source if vm.state != VmState::Running => Err(StartError::Conflict(format!(
+            "a migration source needs a running VM; this VM is {:?}",
+            vm.state
+        ))),
         Role::Target if !vm.incoming || vm.state != VmState::Incoming => {
             Err(StartError::Conflict(format!(
                 "a migration target needs a VMM in incoming mode that has not run; this one is {:?}",
@@ -202,13 +200,18 @@ mod tests {
             check_vm(Role::Source, &hello(false, VmState::Running)),
             Ok(())
         );
+        // A VM that arrived by a migration (its VMM started in incoming mode) may leave again.
+        assert_eq!(
+            check_vm(Role::Source, &hello(true, VmState::Running)),
+            Ok(())
+        );
         assert_eq!(
             check_vm(Role::Target, &hello(true, VmState::Incoming)),
             Ok(())
         );
         for (role, vm) in [
             (Role::Source, hello(false, VmState::Paused)),
-            (Role::Source, hello(true, VmState::Running)),
+            (Role::Source, hello(true, VmState::Incoming)),
             (Role::Target, hello(false, VmState::Running)),
             (Role::Target, hello(true, VmState::Paused)),
         ] {

@@ -153,17 +153,19 @@ impl Reconciler<'_> {
                 .stall(mig, "waiting for the source sidecar to join its VMM".into())
                 .await;
         };
-        if vm.incoming {
-            return self
-                .fail_plain(mig, format!(
-                    "the VM in pod {src_name} is in incoming mode (it is a migration target that never received a VM)"
-                ))
-                .await;
-        }
         let state = serde_json::to_value(vm.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
+        // A VM that arrived by a migration runs in a VMM started in incoming mode; only one
+        // still waiting for its state has nothing to move.
+        if state == "incoming" {
+            return self
+                .fail_plain(mig, format!(
+                    "the VMM in pod {src_name} is in incoming mode and never received a VM (a migration target that did not complete)"
+                ))
+                .await;
+        }
         if state == "paused" {
             drop(slot);
             return self

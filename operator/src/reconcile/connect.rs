@@ -64,7 +64,8 @@ impl Reconciler<'_> {
                 ))
                 .await;
         }
-        let choice = match choose_mechanism(&mig.spec.policy, svm.backing, &tinfo) {
+        let choice = match choose_mechanism(&mig.spec.policy, svm.backing, svm.memory_bytes, &tinfo)
+        {
             Ok(c) => c,
             Err(e) => return self.abort(mig, Phase::Failed, e).await,
         };

@@ -144,10 +144,67 @@ impl Reconciler<'_> {
         for p in &entered {
             self.enter(&mut n, *p);
         }
+
+        // The progress timeout: bytes moved since the progress last written, or not for too long.
+        let moved = |p: Option<&crate::crd::MigrationProgress>| {
+            p.map_or(0, |p| p.transferred_bytes + p.faults)
+        };
+        let progressed = moved(Some(&progress)) > moved(s.progress.as_ref());
+        let quiet_since = s.last_progress_time.as_ref().map(|t| t.0);
+        let limit = Duration::from_secs(mig.spec.policy.progress_timeout_s);
+        let quiet_too_long =
+            !progressed && quiet_since.is_some_and(|t| now.duration_since(t) > signed(limit));
+        if quiet_too_long && !committed {
+            return self
+                .abort(
+                    mig,
+                    Phase::Failed,
+                    format!(
+                        "no progress for more than {} (nothing moved): {}",
+                        human(limit),
+                        message.unwrap_or_default()
+                    ),
+                )
+                .await;
+        }
+        let stall_starts = quiet_too_long && !s.stalled;
+        let stall_ends = progressed && s.stalled;
+        if stall_starts {
+            n.stalled = true;
+            self.set_condition(
+                &mut n,
+                condition::STALLED,
+                true,
+                "NoProgress",
+                &format!(
+                    "post-copy has moved nothing for more than {}; it can only complete, so it waits",
+                    human(limit)
+                ),
+            );
+            self.ctx.metrics.stalls.inc();
+        }
+        if stall_ends {
+            n.stalled = false;
+            self.set_condition(
+                &mut n,
+                condition::STALLED,
+                false,
+                "Progressing",
+                "bytes move again",
+            );
+        }
+        let first_look = quiet_since.is_none();
+        if progressed || first_look {
+            n.last_progress_time = Some(Time(now));
+        }
+
         if phase_changed
             || newly_committed
             || s.waiting_since.is_some()
             || (progress_changed && progress_due)
+            || stall_starts
+            || stall_ends
+            || first_look
         {
             n.progress = Some(progress);
             if let Some(m) = message {
@@ -161,6 +218,27 @@ impl Reconciler<'_> {
             if newly_committed {
                 self.event(&mig, EventType::Normal, "Committed",
                     "point of no return passed: the source VM is fenced and the VM runs on the target from now on").await;
+            }
+            if stall_starts {
+                self.event(
+                    &mig,
+                    EventType::Warning,
+                    "Stalled",
+                    &format!(
+                        "post-copy has moved nothing for more than {}; waiting for it to resume",
+                        human(limit)
+                    ),
+                )
+                .await;
+            }
+            if stall_ends {
+                self.event(
+                    &mig,
+                    EventType::Normal,
+                    "Resumed",
+                    "post-copy moves bytes again",
+                )
+                .await;
             }
             let msg = mig
                 .status

@@ -53,7 +53,21 @@ pub fn target_pod_name(source_pod: &str, migration_uid: &str) -> String {
         .take(8)
         .collect::<String>()
         .to_ascii_lowercase();
-    let mut base: String = source_pod.chars().take(63 - 5 - suffix.len()).collect();
+    // A VM that moves again keeps its first name: `vm-mig-1a2b3c4d` moves to `vm-mig-5e6f…`,
+    // not `vm-mig-1a2b3c4d-mig-5e6f…`.
+    let stem = match source_pod.rsplit_once("-mig-") {
+        Some((stem, tail))
+            if !stem.is_empty()
+                && tail.len() == 8
+                && tail
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) =>
+        {
+            stem
+        }
+        _ => source_pod,
+    };
+    let mut base: String = stem.chars().take(63 - 5 - suffix.len()).collect();
     while base.ends_with(['-', '.']) {
         base.pop();
     }
@@ -699,6 +713,15 @@ mod tests {
         assert!(n.ends_with("-mig-abcdef12"), "{n}");
         let n = target_pod_name(&format!("{}-x", "b".repeat(48)), "12345678");
         assert!(!n.contains("--"), "{n}");
+        // Moving again does not grow the name.
+        assert_eq!(
+            target_pod_name("vm-mig-0d9c5b4e", "9f9f9f9f-1"),
+            "vm-mig-9f9f9f9f"
+        );
+        assert_eq!(
+            target_pod_name("vm-mig-short", "9f9f9f9f-1"),
+            "vm-mig-short-mig-9f9f9f9f"
+        );
     }
 
     #[test]

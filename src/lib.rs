@@ -10,6 +10,7 @@
 //!   migration uses ([`trap::choose`]);
 //! - the target's machinery: trap backends ([`trap`]), page states and the installer
 //!   ([`postcopy`]), another process's [`guest_memory`], the capability [`probe`];
+//! - TLS for the control API and the migration stream ([`tls`]);
 //! - thin safe wrappers over raw system calls ([`sys`]) and the one lock helper ([`sync`]).
 //!
 //! It must not depend on Kubernetes or HTTP crates, and it never issues KVM ioctls on behalf of
@@ -29,6 +30,7 @@ pub mod sidecar_api;
 pub mod strict_json;
 pub mod sync;
 pub mod sys;
+pub mod tls;
 pub mod trap;
 pub mod units;
 pub mod vmm_protocol;

@@ -36,6 +36,29 @@ pub enum SwitchRule {
     Passes,
 }
 
+/// How the migration stream is protected between the two sidecars.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// TLS 1.3, both sides authenticated by keys derived from the migration's secret
+    /// (`crate::tls::pinned`).
+    #[default]
+    Tls,
+    /// Guest memory in the clear (the handshake still proves the secret). Only for a network
+    /// the user trusts, and only when a policy asks for it.
+    Plaintext,
+}
+
+impl Transport {
+    /// How status and reports name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Tls => "TLS 1.3",
+            Self::Plaintext => "plaintext",
+        }
+    }
+}
+
 /// The migration policy. Every field has a default, so `{}` is a valid policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -57,6 +80,8 @@ pub struct Policy {
     pub completion_timeout_s: u64,
     /// Which trap mechanism the target uses for post-copy (see [`crate::trap::choose`]).
     pub trap: Preference,
+    /// How guest memory crosses the network.
+    pub transport: Transport,
 }
 
 impl Default for Policy {
@@ -70,6 +95,7 @@ impl Default for Policy {
             bandwidth_limit: 0,
             completion_timeout_s: 600,
             trap: Preference::Auto,
+            transport: Transport::Tls,
         }
     }
 }

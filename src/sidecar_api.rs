@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::layout::BackingKind;
 pub use crate::policy::{
     MAX_COMPLETION_TIMEOUT_S, MAX_DOWNTIME_MS, MAX_PRECOPY_PASSES, Mode, Policy, SwitchRule,
+    Transport,
 };
 use crate::trap::{Backend, BackendProbe};
 
@@ -105,6 +106,9 @@ pub struct MigrationStatus {
     /// The trap mechanism in use (target) or agreed (source), once chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trap: Option<Backend>,
+    /// How the migration stream is protected (the policy's `transport`).
+    #[serde(default)]
+    pub transport: Transport,
     /// The point of no return has passed: the source is fenced and will never run again.
     pub committed: bool,
     /// After a failure past the commit point: the VM is gone.

@@ -7,9 +7,10 @@
 //! for them and speaks the HTTP API as the operator would.
 
 pub mod client;
+pub mod pki;
 pub mod process;
 
-pub use client::{ClientError, SidecarClient};
+pub use client::{ClientError, ClientTls, SidecarClient};
 pub use process::{LocalError, SidecarProcess, VmmProcess, binary};
 
 /// Set (to anything but `0`) to make a test that needs KVM fail where KVM is not usable,

@@ -265,7 +265,10 @@ impl SidecarProcess {
         let dir = scratch_dir(&format!("{tag}-sidecar"))?;
         let log = dir.join("sidecar.log");
         let what = format!("faultline-sidecar ({tag})");
+        let pki = crate::pki::local()?;
         let args = [
+            "--tls-dir".to_string(),
+            pki.sidecar_dir().display().to_string(),
             "--vmm-socket".to_string(),
             vmm_socket.display().to_string(),
             "--listen".into(),

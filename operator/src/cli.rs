@@ -31,15 +31,34 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the CustomResourceDefinition YAML (what crds/virtualmachinemigrations.yaml holds).
     Crd,
+    /// Write operator credentials for an administrator (ca.crt, tls.crt, tls.key) into a
+    /// directory: with them `curl` or `faultline` can drive a sidecar as the operator does.
+    /// Reads the CA from the cluster, so it needs the right to read Secrets in the operator's
+    /// namespace.
+    Credentials(CredentialsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CredentialsArgs {
+    /// The namespace Faultline is installed in.
+    #[arg(long, short = 'n', default_value = "faultline-system")]
+    pub namespace: String,
+    /// Where to write the three files (created if missing; the key is mode 0600).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// How long the certificate is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub valid_for: Duration,
 }
 
 impl Cli {
-    /// The `run` flags, whether given after `run` or with no subcommand; `None` for `crd`.
+    /// The `run` flags, whether given after `run` or with no subcommand; `None` for the
+    /// other subcommands.
     pub fn run_args(self) -> Option<RunArgs> {
         match self.command {
             None => Some(self.run),
             Some(Command::Run(a)) => Some(*a),
-            Some(Command::Crd) => None,
+            Some(Command::Crd | Command::Credentials(_)) => None,
         }
     }
 }

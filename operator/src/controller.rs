@@ -56,6 +56,12 @@ pub async fn run(client: Client, config: Config, opts: RunOptions) -> anyhow::Re
         controller: "faultline-operator".into(),
         instance: Some(opts.identity.clone()),
     };
+    // Every replica loads (or the first creates) the CA before it may lead.
+    let pki = Arc::new(
+        crate::pki::bootstrap(client.clone(), &opts.lease_namespace)
+            .await
+            .context("setting up the cluster CA (docs/security.md)")?,
+    );
     let make_ctx = || {
         Arc::new(Context::new(
             client.clone(),
@@ -63,6 +69,7 @@ pub async fn run(client: Client, config: Config, opts: RunOptions) -> anyhow::Re
             Recorder::new(client.clone(), reporter.clone()),
             metrics.clone(),
             system_clock(),
+            pki.clone(),
         ))
     };
     let mut shutdown = Box::pin(shutdown_signal());
@@ -192,6 +199,12 @@ async fn run_controller(ctx: Arc<Context>, config: &Config, workers: u16) -> any
     migs.list(&kube::api::ListParams::default().limit(1))
         .await
         .context("listing VirtualMachineMigrations (is the CRD installed? see crds/)")?;
+    // The leader keeps the VM namespaces' sidecar certificates current.
+    let certificates = AbortOnDrop(tokio::spawn(crate::pki::sync_namespaces(
+        client.clone(),
+        ctx.pki.clone(),
+        config.namespace.clone(),
+    )));
     Controller::new(migs, watcher::Config::default())
         .watches(
             pods,
@@ -218,7 +231,17 @@ async fn run_controller(ctx: Arc<Context>, config: &Config, workers: u16) -> any
             }
         })
         .await;
+    drop(certificates);
     Ok(())
+}
+
+/// Stops a task when its owner goes (a replica that loses the lease stops its work).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn shutdown_signal() {

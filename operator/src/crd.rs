@@ -176,6 +176,10 @@ pub struct MigrationPolicy {
     #[serde(with = "trap_preference")]
     #[schemars(schema_with = "trap_preference::schema")]
     pub trap: Preference,
+    /// How guest memory crosses the network between the nodes. `TLS` (the default): TLS 1.3,
+    /// both sidecars authenticated by keys that exist only for this migration. `Plaintext`:
+    /// unencrypted, for a network you trust; say so here explicitly to get it.
+    pub transport: MigrationTransport,
 }
 
 // The schema's literal bounds above must equal the core library's limits; a test checks the
@@ -222,6 +226,7 @@ impl MigrationPolicy {
             bandwidth_limit: self.bandwidth_limit,
             completion_timeout_s: self.completion_timeout(memory_bytes),
             trap: self.trap,
+            transport: self.transport.into(),
         }
     }
 
@@ -242,6 +247,7 @@ impl MigrationPolicy {
             completion_timeout_s: None,
             progress_timeout_s: DEFAULT_PROGRESS_TIMEOUT_S,
             trap: p.trap,
+            transport: p.transport.into(),
         }
     }
 
@@ -287,6 +293,32 @@ impl From<sidecar_api::Mode> for MigrationMode {
             sidecar_api::Mode::PreCopy => Self::PreCopy,
             sidecar_api::Mode::PostCopy => Self::PostCopy,
             sidecar_api::Mode::Hybrid => Self::Hybrid,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum MigrationTransport {
+    #[default]
+    #[serde(rename = "TLS")]
+    Tls,
+    Plaintext,
+}
+
+impl From<MigrationTransport> for sidecar_api::Transport {
+    fn from(t: MigrationTransport) -> Self {
+        match t {
+            MigrationTransport::Tls => Self::Tls,
+            MigrationTransport::Plaintext => Self::Plaintext,
+        }
+    }
+}
+
+impl From<sidecar_api::Transport> for MigrationTransport {
+    fn from(t: sidecar_api::Transport) -> Self {
+        match t {
+            sidecar_api::Transport::Tls => Self::Tls,
+            sidecar_api::Transport::Plaintext => Self::Plaintext,
         }
     }
 }
@@ -418,6 +450,9 @@ pub struct VirtualMachineMigrationStatus {
     /// `none` for a pre-copy-only migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mechanism: Option<String>,
+    /// How guest memory crossed the network, as the sidecars ran it: `TLS 1.3` or `plaintext`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// Why that mechanism: what the target node's probe said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mechanism_reason: Option<String>,
@@ -440,9 +475,6 @@ pub struct VirtualMachineMigrationStatus {
     /// Where the source sends memory: the target's migration listener (`ip:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_address: Option<String>,
-    /// The Secret holding the per-migration key both sidecars prove they know.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_name: Option<String>,
     /// The point of no return has passed: the source VM is fenced and will never run again.
     #[serde(default)]
     pub committed: bool,

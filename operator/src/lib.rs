@@ -10,6 +10,7 @@ pub mod crd;
 pub mod decide;
 pub mod metrics;
 pub mod migratable;
+pub mod pki;
 pub mod pods;
 pub mod reconcile;
 pub mod sidecar;

@@ -4,11 +4,16 @@ use std::io::Write as _;
 
 use anyhow::Context as _;
 use clap::Parser;
-use faultline_operator::cli::{Cli, RunArgs};
+use faultline_operator::cli::{Cli, Command, CredentialsArgs, RunArgs};
 use faultline_operator::controller::{self, RunOptions};
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().run_args() {
+    let cli = Cli::parse();
+    if let Some(Command::Credentials(args)) = &cli.command {
+        let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        return rt.block_on(credentials(args));
+    }
+    match cli.run_args() {
         None => {
             let yaml = faultline_operator::crd::crd_yaml().context("rendering the CRD")?;
             match std::io::stdout().lock().write_all(yaml.as_bytes()) {
@@ -53,4 +58,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .await
+}
+
+async fn credentials(args: &CredentialsArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG)")?;
+    let pki = faultline_operator::pki::load(client, &args.namespace).await?;
+    pki.issue_admin(args.valid_for)?
+        .write(&args.out)
+        .with_context(|| format!("writing credentials to {}", args.out.display()))?;
+    println!(
+        "operator credentials valid for {:?} written to {} (ca.crt, tls.crt, tls.key)",
+        args.valid_for,
+        args.out.display()
+    );
+    Ok(())
 }

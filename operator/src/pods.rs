@@ -74,11 +74,6 @@ pub fn target_pod_name(source_pod: &str, migration_uid: &str) -> String {
     format!("{base}-mig-{suffix}")
 }
 
-/// Name of the per-migration Secret.
-pub fn secret_name(migration_uid: &str) -> String {
-    format!("vmmig-{migration_uid}")
-}
-
 /// Where a pod's sidecar serves its control API.
 pub fn sidecar_port(pod: &Pod) -> Result<u16, String> {
     port_annotation(pod, ANNOTATION_SIDECAR_PORT, DEFAULT_API_PORT)

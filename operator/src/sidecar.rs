@@ -1,17 +1,22 @@
-//! HTTP client for the sidecar control API (docs/sidecar-api.md), speaking the request and
+//! HTTPS client for the sidecar control API (docs/sidecar-api.md), speaking the request and
 //! status types of `faultline::sidecar_api`.
 //!
 //! This module owns how the operator reaches a sidecar: one short HTTP/1.1 connection per
-//! request, a deadline on each, and errors that say which sidecar failed and how. It must not
+//! request over mutual TLS (the operator's client certificate; the sidecar must present its
+//! namespace's certificate, `faultline::tls::pki::sidecar_name`), a deadline on each, and
+//! errors that say which sidecar failed and how. It must not
 //! decide anything about a migration; the reconciler interprets the answers.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use faultline::sidecar_api::{ApiError, MigrationStatus, NodeInfo, StartMigration};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -83,15 +88,25 @@ pub struct Started {
 pub struct SidecarClient {
     addr: SocketAddr,
     timeout: Duration,
+    tls: Arc<ClientConfig>,
+    /// The sidecars' namespace, whose name their certificate must carry.
+    namespace: String,
 }
 
 impl SidecarClient {
-    pub fn new(addr: SocketAddr, timeout: Duration) -> Self {
-        Self { addr, timeout }
-    }
-
-    pub fn for_pod(ip: IpAddr, port: u16, timeout: Duration) -> Self {
-        Self::new(SocketAddr::new(ip, port), timeout)
+    /// A client for the sidecar at `addr` in `namespace`, dialling with `tls`.
+    pub fn new(
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Arc<ClientConfig>,
+        namespace: &str,
+    ) -> Self {
+        Self {
+            addr,
+            timeout,
+            tls,
+            namespace: namespace.to_string(),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -255,6 +270,12 @@ impl SidecarClient {
             .await
             .map_err(|e| unreachable(format!("connect: {e}")))?;
         let _ = stream.set_nodelay(true);
+        let name = ServerName::try_from(faultline::tls::pki::sidecar_name(&self.namespace))
+            .map_err(|e| unreachable(format!("namespace `{}`: {e}", self.namespace)))?;
+        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|e| unreachable(format!("TLS: {e}")))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
@@ -339,9 +360,18 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("bind a free port");
+        let tls = faultline::tls::control::client_config(
+            &faultline::tls::pki::Ca::generate(Duration::from_secs(60))
+                .expect("CA")
+                .cert_pem,
+            None,
+        )
+        .expect("config");
         let c = SidecarClient::new(
             SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_secs(2),
+            tls,
+            "ns",
         );
         let e = c.node().await.expect_err("nobody listens");
         assert!(e.is_unreachable(), "{e}");

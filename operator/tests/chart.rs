@@ -105,7 +105,20 @@ fn rules(doc: &Value) -> BTreeSet<(String, String, String)> {
         .into_iter()
         .flat_map(|r: PolicyRule| {
             let groups = r.api_groups.unwrap_or_default();
-            let resources = r.resources.unwrap_or_default();
+            // A rule limited to named objects reads `resource[name,…]`.
+            let names = r.resource_names.unwrap_or_default();
+            let resources: Vec<String> = r
+                .resources
+                .unwrap_or_default()
+                .into_iter()
+                .map(|res| {
+                    if names.is_empty() {
+                        res
+                    } else {
+                        format!("{res}[{}]", names.join(","))
+                    }
+                })
+                .collect();
             let verbs = r.verbs;
             let mut out = Vec::new();
             for g in &groups {
@@ -148,9 +161,11 @@ fn operator_rules() -> BTreeSet<(String, String, String)> {
         ("", "pods", "delete"),
         ("", "pods/status", "patch"),
         ("", "persistentvolumeclaims", "get"),
-        ("", "secrets", "get"),
+        // The namespaces' sidecar certificate Secrets: created, then read and renewed by
+        // name only; no other Secret is readable.
         ("", "secrets", "create"),
-        ("", "secrets", "delete"),
+        ("", "secrets[faultline-sidecar-tls]", "get"),
+        ("", "secrets[faultline-sidecar-tls]", "update"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
     ])
@@ -209,7 +224,18 @@ fn default_install_is_cluster_wide_with_least_privilege_and_leader_election() {
     let cr = find(&docs, "ClusterRole", "rel-faultline").expect("ClusterRole");
     let mut want = operator_rules();
     want.insert(("".into(), "persistentvolumes".into(), "get".into()));
+    want.insert(("".into(), "namespaces".into(), "list".into()));
     assert_eq!(rules(cr), want);
+    // The CA: read by name, in the operator's namespace only.
+    let ca = find(&docs, "Role", "rel-faultline-ca").expect("CA Role");
+    assert_eq!(ca["metadata"]["namespace"], "faultline-system");
+    assert_eq!(
+        rules(ca),
+        set(&[
+            ("", "secrets[faultline-ca]", "get"),
+            ("", "secrets", "create")
+        ])
+    );
     let crb = find(&docs, "ClusterRoleBinding", "rel-faultline").expect("binding");
     assert_eq!(crb["subjects"][0]["name"], "rel-faultline");
     assert_eq!(crb["subjects"][0]["namespace"], "faultline-system");

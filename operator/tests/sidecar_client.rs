@@ -15,7 +15,7 @@ use support::*;
 
 fn client(c: &Cluster, pod: &str) -> SidecarClient {
     let (_, api) = c.pod_processes(pod).expect("pod processes");
-    SidecarClient::new(api, Duration::from_secs(10))
+    sidecar_client(api, Duration::from_secs(10))
 }
 
 /// Polls `c` until migration `id` is in a terminal phase; fails the test after `within`.
@@ -64,6 +64,12 @@ async fn readiness_reports_why_before_the_vmm_is_there() {
             "--migration-listen",
             "127.0.0.1:0",
         ])
+        .arg("--tls-dir")
+        .arg(
+            faultline_local::pki::local()
+                .expect("local PKI")
+                .sidecar_dir(),
+        )
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -81,7 +87,7 @@ async fn readiness_reports_why_before_the_vmm_is_there() {
         .expect("api")
         .parse()
         .expect("address");
-    let c = SidecarClient::new(api, Duration::from_secs(5));
+    let c = sidecar_client(api, Duration::from_secs(5));
     c.healthz().await.expect("alive");
     let why = c
         .readyz()

@@ -1,29 +1,66 @@
 //! The HTTP control API (docs/sidecar-api.md), on axum. Handlers translate between HTTP and
 //! [`crate::lifecycle`] and [`crate::node`]; they hold no migration logic.
+//!
+//! Health, readiness and metrics are open; everything else answers only the operator
+//! ([`Caller::Operator`], decided by [`crate::serve`] from the client certificate): 401
+//! without a certificate, 403 with one that is not the operator's. A refused request changes
+//! nothing.
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use faultline::sidecar_api::{ApiError, NodeInfo, Phase, StartMigration};
+use faultline::tls::control::Caller;
 
 use crate::lifecycle::{self, StartError};
 use crate::metrics::{PhaseLabels, role_name};
 use crate::node::Sidecar;
 
+/// The routes. Every request carries its connection's [`Caller`] as an extension.
 pub fn router(sidecar: Arc<Sidecar>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let operator_only = Router::new()
         .route("/v1/node", get(node))
         .route("/v1/migrations", post(start).get(list))
         .route("/v1/migrations/{*rest}", get(get_one).post(cancel))
+        .route_layer(middleware::from_fn_with_state(
+            sidecar.clone(),
+            require_operator,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(operator_only)
         .with_state(sidecar)
+}
+
+async fn require_operator(State(s): State<Arc<Sidecar>>, req: Request, next: Next) -> Response {
+    let caller = req.extensions().get::<Caller>().cloned();
+    let refused = match caller {
+        Some(Caller::Operator) => return next.run(req).await,
+        Some(Caller::Refused(why)) => (StatusCode::FORBIDDEN, why),
+        Some(Caller::Anonymous) | None => (
+            StatusCode::UNAUTHORIZED,
+            "a client certificate is required: only the Faultline operator may drive this sidecar"
+                .to_string(),
+        ),
+    };
+    tracing::warn!(
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = refused.0.as_u16(),
+        "refused a control request: {}",
+        refused.1
+    );
+    s.metrics.refused_requests.inc();
+    error(refused.0, refused.1)
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {

@@ -14,6 +14,7 @@ use faultline::wire::Secret;
 use crate::metrics::{ResultLabels, role_name};
 use crate::migration::{Migration, Stop};
 use crate::node::Sidecar;
+use crate::transport::Protection;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StartError {
@@ -92,7 +93,9 @@ pub fn start(
         .refresh_vm()
         .map_err(|e| StartError::NotReady(format!("not joined to the VMM: {e}")))?;
     check_vm(req.role, &vm)?;
-    let m = Arc::new(Migration::new(req, secret));
+    let protection = Protection::new(req.policy.transport, req.role, &secret, &req.id)
+        .map_err(|e| StartError::NotReady(format!("cannot set up the migration's TLS: {e}")))?;
+    let m = Arc::new(Migration::new(req, secret, protection));
     // The target's inbox opens before the migration is visible, so the listener never finds
     // a current target migration that cannot take its connections.
     let inbox = (m.role == Role::Target).then(|| m.open_inbox());

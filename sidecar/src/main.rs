@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics;
 mod migration;
 mod node;
+mod serve;
 mod source;
 mod target;
 #[cfg(test)]
@@ -38,6 +39,8 @@ const VMM_SOCKET: &str = "/run/faultline/vmm.sock";
 /// The ports docs/sidecar-api.md and the operator assume.
 const API_LISTEN: &str = "0.0.0.0:9180";
 const MIGRATION_LISTEN: &str = "0.0.0.0:9181";
+/// Where a VM pod mounts the namespace's sidecar certificate.
+const TLS_DIR: &str = "/var/run/faultline/tls";
 
 #[derive(Parser, Debug)]
 #[command(name = "faultline-sidecar", version, about, long_about = None)]
@@ -45,13 +48,17 @@ struct Cli {
     /// The VMM's control socket.
     #[arg(long, env = "FAULTLINE_VMM_SOCKET", default_value = VMM_SOCKET)]
     vmm_socket: PathBuf,
-    /// Address of the HTTP control API and /metrics (the operator's way in; it has no
-    /// authentication, so keep it to the cluster network).
+    /// Address of the control API and /metrics (HTTPS; only the operator's client certificate
+    /// may drive migrations).
     #[arg(long, env = "FAULTLINE_LISTEN", default_value = API_LISTEN)]
     listen: SocketAddr,
     /// Address where a target sidecar accepts the source's migration connections.
     #[arg(long, env = "FAULTLINE_MIGRATION_LISTEN", default_value = MIGRATION_LISTEN)]
     migration_listen: SocketAddr,
+    /// Directory with the control API's certificate (tls.crt, tls.key) and the CA that issued
+    /// the operator's (ca.crt): the namespace's `faultline-sidecar-tls` Secret, mounted.
+    #[arg(long, env = "FAULTLINE_TLS_DIR", default_value = TLS_DIR)]
+    tls_dir: PathBuf,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -72,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             .init();
     }
 
+    let tls = Arc::new(serve::TlsFiles::load(&cli.tls_dir)?);
     let migration_listener = std::net::TcpListener::bind(cli.migration_listen)
         .with_context(|| format!("cannot listen for migrations on {}", cli.migration_listen))?;
     let migration_port = migration_listener
@@ -109,15 +117,14 @@ fn main() -> anyhow::Result<()> {
         // ignore it and hold the pod's deletion for its whole grace period.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install the SIGTERM handler")?;
-        axum::serve(http, api::router(sidecar))
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("stopping on a signal");
-            })
-            .await
-            .context("HTTP server failed")
+        serve::serve(http, tls, api::router(sidecar), async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stopping on a signal");
+        })
+        .await;
+        Ok(())
     })
 }

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub faults: Counter,
     pub fault_latency: Histogram,
     pub downtime: Gauge<f64, AtomicU64>,
+    /// Control requests refused for want of the operator's certificate.
+    pub refused_requests: Counter,
 }
 
 impl Metrics {
@@ -77,6 +79,12 @@ impl Metrics {
         // 10 µs .. ~10 s.
         let fault_latency = Histogram::new(exponential_buckets(10e-6, 2.0, 21));
         let downtime = Gauge::<f64, AtomicU64>::default();
+        let refused_requests = Counter::default();
+        registry.register(
+            "refused_requests",
+            "Control API requests refused: no client certificate (401) or not the operator's (403)",
+            refused_requests.clone(),
+        );
         registry.register(
             "vmm_connected",
             "1 while joined to the VMM",
@@ -147,6 +155,7 @@ impl Metrics {
             faults,
             fault_latency,
             downtime,
+            refused_requests,
         }
     }
 

@@ -15,5 +15,8 @@ pub fn migration(role: Role, policy: Policy) -> Migration {
         secret: secret.to_base64(),
         policy,
     };
-    Migration::new(request, secret)
+    let protection =
+        crate::transport::Protection::new(request.policy.transport, role, &secret, &request.id)
+            .expect("protection");
+    Migration::new(request, secret, protection)
 }

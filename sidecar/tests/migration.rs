@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use faultline::sidecar_api::{MigrationStatus, Mode, Phase, Policy, Role, StartMigration};
+use faultline::sidecar_api::{
+    MigrationStatus, Mode, Phase, Policy, Role, StartMigration, Transport,
+};
 use faultline::vmm_protocol::messages::{VmState, VmStatus};
 use faultline::wire::Secret;
 use faultline_local::{SidecarProcess, VmmProcess};
@@ -391,35 +393,48 @@ fn cancel_during_precopy_leaves_the_source_running() {
     assert_eq!(last.failures, 0);
 }
 
+/// A source with the wrong secret gets nowhere: over TLS (the default) its handshake fails,
+/// because the secret derives the identities both sides pin; over plaintext (by policy) the
+/// wire handshake's proof fails. Either way nothing moves and the target's migration goes on.
 #[test]
 fn wrong_secret_is_rejected_at_the_handshake() {
     if !kvm_available() {
         return;
     }
-    let p = pair("secret", &["--memory", "64M", "--vcpus", "1"]);
-    let (good, bad) = (
-        Secret::generate().expect("secret"),
-        Secret::generate().expect("secret"),
-    );
-    start(&p, "secret", &policy(Mode::Hybrid, 4), &bad, &good);
-    let s = wait_terminal(&p.src, "secret", Duration::from_secs(30));
-    assert_eq!(s.phase, Phase::Failed);
-    assert!(
-        s.error.as_deref().unwrap_or("").contains("secret"),
-        "the error names the secret: {s:#?}"
-    );
-    assert_eq!(s.progress.transferred_pages, 0);
-    let t = p.dst.sidecar.client().status("secret").expect("status");
-    assert_eq!(
-        t.progress.transferred_pages, 0,
-        "nothing reached the target"
-    );
-    assert!(
-        !t.phase.is_terminal(),
-        "an impostor cannot end the target's migration"
-    );
-    assert!(t.message.contains("refused"), "{}", t.message);
-    assert_source_keeps_running(&p);
+    for (transport, named) in [
+        (Transport::Tls, "TLS handshake"),
+        (Transport::Plaintext, "secret"),
+    ] {
+        let p = pair("secret", &["--memory", "64M", "--vcpus", "1"]);
+        let (good, bad) = (
+            Secret::generate().expect("secret"),
+            Secret::generate().expect("secret"),
+        );
+        let pol = Policy {
+            transport,
+            ..policy(Mode::Hybrid, 4)
+        };
+        start(&p, "secret", &pol, &bad, &good);
+        let s = wait_terminal(&p.src, "secret", Duration::from_secs(30));
+        assert_eq!(s.phase, Phase::Failed);
+        assert_eq!(s.transport, transport);
+        assert!(
+            s.error.as_deref().unwrap_or("").contains(named),
+            "{transport:?}: the error names the {named}: {s:#?}"
+        );
+        assert_eq!(s.progress.transferred_pages, 0);
+        let t = p.dst.sidecar.client().status("secret").expect("status");
+        assert_eq!(
+            t.progress.transferred_pages, 0,
+            "nothing reached the target"
+        );
+        assert!(
+            !t.phase.is_terminal(),
+            "an impostor cannot end the target's migration"
+        );
+        assert!(t.message.contains("refused"), "{}", t.message);
+        assert_source_keeps_running(&p);
+    }
 }
 
 /// What a sidecar answers before it has joined a VMM: no KVM involved, so never skipped.
@@ -642,4 +657,96 @@ fn postcopy_survives_a_broken_link() {
     let (src, dst) = finish_and_verify(&mut p, "relink");
     assert!(src.progress.reconnects >= 1 && dst.progress.reconnects >= 1);
     assert!(!src.vm_lost && !dst.vm_lost);
+}
+
+/// Only the operator drives a sidecar. A stranger asks the source to migrate its VM to a
+/// listener the stranger owns, lists migrations and cancels: without a client certificate it
+/// gets 401; with a certificate from another CA, an expired operator certificate, or the
+/// namespace's own sidecar certificate (which every VM pod mounts) it gets 403. Nothing
+/// starts, nothing reaches the stranger's listener, and the VM runs on untouched.
+#[test]
+fn strangers_cannot_drive_a_sidecar() {
+    use faultline::tls::control::{Credentials, client_config};
+    use faultline::tls::pki::{Ca, OPERATOR_NAME, Usage};
+    use faultline_local::{ClientTls, SidecarClient};
+
+    if !kvm_available() {
+        return;
+    }
+    let p = pair("strangers", &["--memory", "64M", "--vcpus", "1"]);
+    let pki = faultline_local::pki::local().expect("local PKI");
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    trap.set_nonblocking(true).expect("nonblocking");
+    let hour = Duration::from_secs(3600);
+    let as_client = |identity: Option<(&str, &str)>| {
+        let config = client_config(&pki.ca.cert_pem, identity).expect("config");
+        SidecarClient::with_tls(
+            &p.src.sidecar.api,
+            ClientTls::for_namespace(config, faultline_local::pki::NAMESPACE).expect("tls"),
+        )
+    };
+    let foreign = Ca::generate(hour)
+        .expect("CA")
+        .issue(OPERATOR_NAME, Usage::Client, hour)
+        .expect("cert");
+    let expired = pki
+        .ca
+        .issue(OPERATOR_NAME, Usage::Client, Duration::from_secs(1))
+        .expect("cert");
+    let sidecar = Credentials::load(pki.sidecar_dir()).expect("sidecar credentials");
+    std::thread::sleep(Duration::from_secs(2));
+    let secret = Secret::generate().expect("secret");
+    let steal = request(
+        "steal",
+        Role::Source,
+        Some(trap.local_addr().expect("addr").to_string()),
+        &secret,
+        &policy(Mode::PreCopy, 1),
+    );
+    let body = serde_json::to_vec(&steal).expect("json");
+    for (who, client, code) in [
+        ("anonymous", as_client(None), 401),
+        (
+            "another CA",
+            as_client(Some((&foreign.cert_pem, &foreign.key_pem))),
+            403,
+        ),
+        (
+            "expired",
+            as_client(Some((&expired.cert_pem, &expired.key_pem))),
+            403,
+        ),
+        (
+            "the sidecar's own certificate",
+            as_client(Some((&sidecar.cert_pem, &sidecar.key_pem))),
+            403,
+        ),
+    ] {
+        for (method, path, body) in [
+            ("POST", "/v1/migrations", Some(body.as_slice())),
+            ("GET", "/v1/migrations", None),
+            ("GET", "/v1/node", None),
+            ("POST", "/v1/migrations/steal/cancel", None),
+        ] {
+            let (status, answer) = client.request(method, path, body).expect("an answer");
+            assert_eq!(status, code, "{who}: {method} {path}: {answer}");
+        }
+        // What stays open stays open.
+        let (status, _) = client.request("GET", "/healthz", None).expect("healthz");
+        assert_eq!(status, 200, "{who}");
+    }
+    assert!(
+        p.src.sidecar.client().list().expect("list").is_empty(),
+        "a refused request started something"
+    );
+    assert!(
+        trap.accept().is_err(),
+        "the stranger's listener was dialled"
+    );
+    let metrics = p.src.sidecar.client().metrics().expect("metrics");
+    assert!(
+        metrics.contains("faultline_sidecar_refused_requests_total 16"),
+        "{metrics}"
+    );
+    assert_source_keeps_running(&p);
 }

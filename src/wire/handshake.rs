@@ -77,6 +77,11 @@ impl Secret {
         Ok(Self(b))
     }
 
+    /// The secret's bytes, for deriving the migration's TLS identities (`crate::tls::pinned`).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn to_base64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(&self.0)
     }

@@ -287,6 +287,8 @@ fn helm_install(c: &Ctx<'_>) -> Result<String> {
             "2m",
         ])?;
     }
+    // The VM namespace first: the chart puts its NetworkPolicy there.
+    ensure_namespace(c)?;
     c.kube.helm(&[
         "install",
         RELEASE,
@@ -294,6 +296,8 @@ fn helm_install(c: &Ctx<'_>) -> Result<String> {
         "--namespace",
         OPERATOR_NAMESPACE,
         "--create-namespace",
+        "--set",
+        &format!("networkPolicy.vmNamespaces={{{NAMESPACE}}}"),
         // Bounds short enough for the failure scenarios to reach them.
         "--set",
         "timeouts.scheduling=30s",
@@ -348,8 +352,41 @@ fn helm_install(c: &Ctx<'_>) -> Result<String> {
         nodes.len() == 2,
         "both operator replicas run on {nodes:?}: one node's loss would take both"
     );
+    // The leader issues the labelled namespace its sidecar certificate; VM pods mount it.
+    let tls = wait_for(
+        "the sidecar certificate Secret",
+        Duration::from_secs(60),
+        || {
+            Ok(
+                match c
+                    .kube
+                    .get(Some(NAMESPACE), "secret", "faultline-sidecar-tls")?
+                {
+                    Some(s) => Ok(s),
+                    None => Err("not yet".into()),
+                },
+            )
+        },
+    )?;
+    ensure!(
+        s(&tls, &["type"]) == "kubernetes.io/tls",
+        "the sidecar Secret has type {:?}",
+        s(&tls, &["type"])
+    );
+    c.kube
+        .get(Some(OPERATOR_NAMESPACE), "secret", "faultline-ca")?
+        .context("no CA Secret in the operator's namespace")?;
+    let policy = c
+        .kube
+        .get(
+            Some(NAMESPACE),
+            "networkpolicy",
+            &format!("{RELEASE}-sidecars"),
+        )?
+        .context("the chart did not create the VM namespace's NetworkPolicy")?;
+    let ports = policy["spec"]["ingress"].as_array().map_or(0, Vec::len);
     Ok(format!(
-        "2/2 operator replicas, one on each of {nodes:?}, leader {holder}, CRD established"
+        "2/2 operator replicas, one on each of {nodes:?}, leader {holder}, CRD established; CA created, {NAMESPACE}/faultline-sidecar-tls issued, NetworkPolicy with {ports} ingress rules accepted"
     ))
 }
 

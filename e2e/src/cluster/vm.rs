@@ -3,12 +3,14 @@
 //! sidecar (`GET /v1/node`), which the host reaches through the cluster's routes to pod IPs.
 
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use faultline::sidecar_api::{GuestHealth, NodeInfo};
+use faultline::tls::control::Credentials;
 use faultline::vmm_protocol::messages::VmState;
-use faultline_local::SidecarClient;
+use faultline_local::{ClientTls, SidecarClient};
 use serde_json::{Value, json};
 
 use super::kube::{Kube, s, wait_for};
@@ -118,6 +120,39 @@ pub fn node_of(pod: &Value) -> String {
     s(pod, &["spec", "nodeName"]).to_string()
 }
 
+/// The operator's credentials as an administrator gets them (`faultline-operator
+/// credentials`, which reads the CA from the cluster), fetched once per run.
+pub fn admin_tls() -> Result<ClientTls> {
+    static TLS: OnceLock<Result<ClientTls, String>> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("faultline-e2e-admin-{}", std::process::id()));
+        let operator = faultline_local::binary("faultline-operator").map_err(|e| e.to_string())?;
+        let out = std::process::Command::new(operator)
+            .args([
+                "credentials",
+                "-n",
+                super::scenarios::OPERATOR_NAMESPACE,
+                "--valid-for",
+                "4h",
+                "--out",
+            ])
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("running faultline-operator credentials: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "faultline-operator credentials failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let creds = Credentials::load(&dir).map_err(|e| e.to_string())?;
+        let config = creds.client_config().map_err(|e| e.to_string())?;
+        ClientTls::for_namespace(config, NAMESPACE)
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
 fn sidecar(pod: &Value) -> Result<SidecarClient> {
     let ip = s(pod, &["status", "podIP"]);
     ensure!(
@@ -125,7 +160,7 @@ fn sidecar(pod: &Value) -> Result<SidecarClient> {
         "pod {} has no IP",
         s(pod, &["metadata", "name"])
     );
-    Ok(SidecarClient::new(&format!("{ip}:9180")))
+    Ok(SidecarClient::with_tls(&format!("{ip}:9180"), admin_tls()?))
 }
 
 /// What a VM pod's sidecar says of its node and VM.

@@ -137,7 +137,7 @@ impl Reconciler<'_> {
         }
 
         // The source's sidecar must be joined to a running VM.
-        let sidecar = SidecarClient::for_pod(ip, port, self.cfg().sidecar_request_timeout);
+        let sidecar = self.sidecar_at(SocketAddr::new(ip, port));
         let info = match self.node_info(&sidecar).await {
             Ok(i) => i,
             Err(e) => {
@@ -192,7 +192,6 @@ impl Reconciler<'_> {
         s.source_pod_uid = source.uid();
         s.source_sidecar = Some(SocketAddr::new(ip, port).to_string());
         s.target_pod = Some(target.clone());
-        s.secret_name = Some(pods::secret_name(&uid));
         s.start_time = Some(Time(self.now()));
         s.waiting_since = None;
         self.set_condition(

@@ -70,23 +70,15 @@ impl Reconciler<'_> {
         }
     }
 
-    pub(super) async fn delete_secret(
-        &self,
-        s: &VirtualMachineMigrationStatus,
-    ) -> Result<(), Error> {
-        let Some(name) = &s.secret_name else {
-            return Ok(());
-        };
-        match self.secrets.delete(name, &DeleteParams::default()).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub(super) fn owner_ref(&self, mig: &VirtualMachineMigration) -> Result<OwnerReference, Error> {
-        mig.controller_owner_ref(&())
-            .ok_or(Error::MissingMetadata("uid"))
+    /// A client for the sidecar at `addr`, a pod of this migration's namespace: it presents
+    /// the operator's certificate and accepts only this namespace's sidecar certificate.
+    pub(super) fn sidecar_at(&self, addr: SocketAddr) -> SidecarClient {
+        SidecarClient::new(
+            addr,
+            self.cfg().sidecar_request_timeout,
+            self.ctx.pki.client_config(),
+            self.ns,
+        )
     }
 
     /// Clients for the source and target sidecars named in `s`, if both addresses are there.
@@ -102,7 +94,7 @@ impl Reconciler<'_> {
 
     pub(super) fn sidecar(&self, addr: &Option<String>) -> Option<SidecarClient> {
         let addr: SocketAddr = addr.as_deref()?.parse().ok()?;
-        Some(SidecarClient::new(addr, self.cfg().sidecar_request_timeout))
+        Some(self.sidecar_at(addr))
     }
 
     pub(super) async fn node_info(&self, c: &SidecarClient) -> Result<NodeInfo, SidecarError> {

@@ -17,10 +17,10 @@ impl Reconciler<'_> {
                 )
                 .await;
         };
-        let token = match self.ensure_secret(&mig, &s).await? {
-            Ok(t) => t,
-            Err(e) => return self.abort(mig, Phase::Failed, e).await,
-        };
+        let token = self
+            .ctx
+            .pki
+            .migration_secret(&mig.uid().unwrap_or_default());
         let tinfo = match self.node_info(&tgt).await {
             Ok(i) => i,
             Err(e) => {
@@ -99,12 +99,14 @@ impl Reconciler<'_> {
         s.mechanism = Some(choice.mechanism.clone());
         s.mechanism_reason = Some(choice.reason.clone());
         s.mode = Some(choice.mode);
+        s.transport = Some(choice.policy.transport.describe().to_string());
         s.target_address = Some(target_address.clone());
         s.waiting_since = None;
         s.message = Some(format!(
-            "sidecars started ({} via {}); source connects to {target_address}",
+            "sidecars started ({} via {}, {}); source connects to {target_address}",
             mode_str(choice.mode),
-            choice.mechanism
+            choice.mechanism,
+            choice.policy.transport.describe()
         ));
         let mig = self.write_status(&mig, s).await?;
         self.event(
@@ -112,9 +114,10 @@ impl Reconciler<'_> {
             EventType::Normal,
             "SidecarsStarted",
             &format!(
-                "mode {}, mechanism {}: {}",
+                "mode {}, mechanism {}, transport {}: {}",
                 mode_str(choice.mode),
                 choice.mechanism,
+                choice.policy.transport.describe(),
                 choice.reason
             ),
         )

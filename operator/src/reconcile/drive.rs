@@ -167,32 +167,7 @@ impl Reconciler<'_> {
                 )
                 .await;
         }
-        let stall_starts = quiet_too_long && !s.stalled;
-        let stall_ends = progressed && s.stalled;
-        if stall_starts {
-            n.stalled = true;
-            self.set_condition(
-                &mut n,
-                condition::STALLED,
-                true,
-                "NoProgress",
-                &format!(
-                    "post-copy has moved nothing for more than {}; it can only complete, so it waits",
-                    human(limit)
-                ),
-            );
-            self.ctx.metrics.stalls.inc();
-        }
-        if stall_ends {
-            n.stalled = false;
-            self.set_condition(
-                &mut n,
-                condition::STALLED,
-                false,
-                "Progressing",
-                "bytes move again",
-            );
-        }
+        let stall = self.stall_transition(&mut n, quiet_too_long, progressed, limit);
         let first_look = quiet_since.is_none();
         if progressed || first_look {
             n.last_progress_time = Some(Time(now));
@@ -202,8 +177,7 @@ impl Reconciler<'_> {
             || newly_committed
             || s.waiting_since.is_some()
             || (progress_changed && progress_due)
-            || stall_starts
-            || stall_ends
+            || stall != StallChange::None
             || first_look
         {
             n.progress = Some(progress);
@@ -219,27 +193,7 @@ impl Reconciler<'_> {
                 self.event(&mig, EventType::Normal, "Committed",
                     "point of no return passed: the source VM is fenced and the VM runs on the target from now on").await;
             }
-            if stall_starts {
-                self.event(
-                    &mig,
-                    EventType::Warning,
-                    "Stalled",
-                    &format!(
-                        "post-copy has moved nothing for more than {}; waiting for it to resume",
-                        human(limit)
-                    ),
-                )
-                .await;
-            }
-            if stall_ends {
-                self.event(
-                    &mig,
-                    EventType::Normal,
-                    "Resumed",
-                    "post-copy moves bytes again",
-                )
-                .await;
-            }
+            self.stall_events(&mig, stall, limit).await;
             let msg = mig
                 .status
                 .as_ref()
@@ -281,13 +235,101 @@ impl Reconciler<'_> {
                 )
                 .await;
         }
-        // The pod is there: the sidecar may be restarting. Keep waiting, and say so.
-        let mut s = s;
+        // The pod is there: the sidecar may be restarting, or the network between the nodes
+        // is cut. Keep waiting, and say so; nothing observed moving counts toward the stall
+        // bound exactly as a quiet sidecar does.
+        let mut n = s.clone();
         let msg = format!("past the point of no return; cannot reach the target sidecar: {err}");
-        if s.message.as_deref() != Some(msg.as_str()) {
-            s.message = Some(msg);
-            self.write_status(&mig, s).await?;
+        let limit = Duration::from_secs(mig.spec.policy.progress_timeout_s);
+        let now = self.now();
+        let quiet_too_long = s
+            .last_progress_time
+            .as_ref()
+            .is_some_and(|t| now.duration_since(t.0) > signed(limit));
+        let stall = self.stall_transition(&mut n, quiet_too_long, false, limit);
+        if s.message.as_deref() != Some(msg.as_str()) || stall != StallChange::None {
+            n.message = Some(msg);
+            let mig = self.write_status(&mig, n).await?;
+            self.stall_events(&mig, stall, limit).await;
         }
         Ok(Next::Wait(Action::requeue(self.cfg().poll_interval)))
     }
+
+    /// The one rule for the `Stalled` condition after the point of no return: set once nothing
+    /// has moved for the progress timeout, cleared when bytes move again.
+    fn stall_transition(
+        &self,
+        n: &mut VirtualMachineMigrationStatus,
+        quiet_too_long: bool,
+        progressed: bool,
+        limit: Duration,
+    ) -> StallChange {
+        if quiet_too_long && !n.stalled {
+            n.stalled = true;
+            self.set_condition(
+                n,
+                condition::STALLED,
+                true,
+                "NoProgress",
+                &format!(
+                    "post-copy has moved nothing for more than {}; it can only complete, so it waits",
+                    human(limit)
+                ),
+            );
+            self.ctx.metrics.stalls.inc();
+            StallChange::Started
+        } else if progressed && n.stalled {
+            n.stalled = false;
+            self.set_condition(
+                n,
+                condition::STALLED,
+                false,
+                "Progressing",
+                "bytes move again",
+            );
+            StallChange::Ended
+        } else {
+            StallChange::None
+        }
+    }
+
+    async fn stall_events(
+        &self,
+        mig: &VirtualMachineMigration,
+        change: StallChange,
+        limit: Duration,
+    ) {
+        match change {
+            StallChange::Started => {
+                self.event(
+                    mig,
+                    EventType::Warning,
+                    "Stalled",
+                    &format!(
+                        "post-copy has moved nothing for more than {}; waiting for it to resume",
+                        human(limit)
+                    ),
+                )
+                .await
+            }
+            StallChange::Ended => {
+                self.event(
+                    mig,
+                    EventType::Normal,
+                    "Resumed",
+                    "post-copy moves bytes again",
+                )
+                .await
+            }
+            StallChange::None => {}
+        }
+    }
+}
+
+/// What one observation did to the `Stalled` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StallChange {
+    None,
+    Started,
+    Ended,
 }

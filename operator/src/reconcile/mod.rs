@@ -32,11 +32,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faultline::sidecar_api::{self, MigrationStatus, NodeInfo, Role, StartMigration};
-use k8s_openapi::ByteString;
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -58,9 +57,6 @@ use crate::metrics::Metrics;
 use crate::migratable;
 use crate::pods::{self, PodState};
 use crate::sidecar::{SidecarClient, SidecarError};
-
-/// Key of the per-migration Secret's data holding the base64 token given to both sidecars.
-pub const SECRET_KEY: &str = "key";
 
 /// Tunables; the CLI's flags set them (see `main.rs`).
 #[derive(Debug, Clone)]
@@ -119,6 +115,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
+    /// The operator's TLS identity and the migration secrets' master key.
+    pub pki: Arc<crate::pki::OperatorPki>,
     /// Serialises admission so two reconciliations never both take the last slot.
     admission: tokio::sync::Mutex<()>,
 }
@@ -130,6 +128,7 @@ impl Context {
         recorder: Recorder,
         metrics: Arc<Metrics>,
         clock: Clock,
+        pki: Arc<crate::pki::OperatorPki>,
     ) -> Self {
         Self {
             client,
@@ -137,6 +136,7 @@ impl Context {
             recorder,
             metrics,
             clock,
+            pki,
             admission: tokio::sync::Mutex::new(()),
         }
     }
@@ -209,7 +209,6 @@ struct Reconciler<'a> {
     name: &'a str,
     migrations: Api<VirtualMachineMigration>,
     pods: Api<Pod>,
-    secrets: Api<Secret>,
 }
 
 impl<'a> Reconciler<'a> {
@@ -220,7 +219,6 @@ impl<'a> Reconciler<'a> {
             name,
             migrations: Api::namespaced(ctx.client.clone(), ns),
             pods: Api::namespaced(ctx.client.clone(), ns),
-            secrets: Api::namespaced(ctx.client.clone(), ns),
         }
     }
 
@@ -270,31 +268,6 @@ impl<'a> Reconciler<'a> {
             }
         }
     }
-}
-
-fn read_secret(secret: &Secret, uid: &str) -> Result<String, String> {
-    let name = secret.name_any();
-    let owned = secret
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid);
-    if !owned {
-        return Err(format!(
-            "Secret {name} exists and is not owned by this migration"
-        ));
-    }
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(SECRET_KEY))
-        .ok_or_else(|| format!("Secret {name} has no `{SECRET_KEY}`"))?;
-    let token = String::from_utf8(bytes.0.clone())
-        .map_err(|_| format!("Secret {name}: `{SECRET_KEY}` is not text"))?;
-    faultline::wire::handshake::Secret::from_base64(&token)
-        .map_err(|e| format!("Secret {name}: {e}"))?;
-    Ok(token)
 }
 
 fn mode_str(m: MigrationMode) -> &'static str {

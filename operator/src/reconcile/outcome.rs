@@ -37,7 +37,6 @@ impl Reconciler<'_> {
         {
             self.delete_pod(&src_name, src.uid()).await?;
         }
-        self.delete_secret(&s).await?;
 
         let mut n = s;
         let now = self.now();
@@ -108,7 +107,6 @@ impl Reconciler<'_> {
         n.vm_lost = true;
         n.committed = true;
         n.progress = Some(merge_progress(src_s, tgt_s, self.now()));
-        self.delete_secret(&n).await?;
         let msg = format!("the VM is lost: {why}");
         self.finish(mig, n, Phase::Failed, msg)
             .await
@@ -168,7 +166,6 @@ impl Reconciler<'_> {
         {
             self.delete_pod(name, p.uid()).await?;
         }
-        self.delete_secret(&s).await?;
         let mut n = s;
         n.waiting_since = None;
         self.finish(mig, n, phase, why)

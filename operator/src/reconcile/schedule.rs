@@ -1,14 +1,11 @@
-//! `Scheduling`: the per-migration Secret and the target pod, and waiting for the pod.
+//! `Scheduling`: the target pod, and waiting for it.
 
 use super::*;
 
 impl Reconciler<'_> {
-    /// Scheduling: the Secret and the target pod exist; wait for the pod to be ready.
+    /// Scheduling: the target pod exists; wait for it to be ready.
     pub(super) async fn schedule(&self, mig: VirtualMachineMigration) -> Result<Next, Error> {
         let s = mig.status.clone().unwrap_or_default();
-        if let Err(e) = self.ensure_secret(&mig, &s).await? {
-            return self.abort(mig, Phase::Failed, e).await;
-        }
         let target_name = s.target_pod.clone().unwrap_or_default();
         let uid = mig.uid().unwrap_or_default();
         let Some(target) = self.pods.get_opt(&target_name).await? else {
@@ -180,51 +177,6 @@ impl Reconciler<'_> {
             format!("target pod {name} created; waiting for it to be scheduled"),
         )
         .await
-    }
-
-    /// The Secret holds the token both sidecars get; it is created once and read back each
-    /// time, so a restarted operator sends the same token.
-    pub(super) async fn ensure_secret(
-        &self,
-        mig: &VirtualMachineMigration,
-        s: &VirtualMachineMigrationStatus,
-    ) -> Result<Result<String, String>, Error> {
-        let name = s.secret_name.clone().unwrap_or_default();
-        let uid = mig.uid().unwrap_or_default();
-        if let Some(secret) = self.secrets.get_opt(&name).await? {
-            return Ok(read_secret(&secret, &uid));
-        }
-        let token = match faultline::wire::handshake::Secret::generate() {
-            Ok(t) => t.to_base64(),
-            Err(e) => return Ok(Err(format!("generating the migration secret: {e}"))),
-        };
-        let secret = Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.ns.to_string()),
-                labels: Some([(pods::LABEL_MIGRATION_UID.to_string(), uid.clone())].into()),
-                owner_references: Some(vec![self.owner_ref(mig)?]),
-                ..Default::default()
-            },
-            data: Some(
-                [(
-                    SECRET_KEY.to_string(),
-                    ByteString(token.clone().into_bytes()),
-                )]
-                .into(),
-            ),
-            type_: Some("Opaque".into()),
-            immutable: Some(true),
-            ..Default::default()
-        };
-        match self.secrets.create(&PostParams::default(), &secret).await {
-            Ok(created) => Ok(read_secret(&created, &uid)),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                let existing = self.secrets.get(&name).await?;
-                Ok(read_secret(&existing, &uid))
-            }
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// The API server refused the target pod. Lasting refusals (PodSecurity, LimitRange, a

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use faultline_operator::crd::VirtualMachineMigration;
 use faultline_operator::metrics::Metrics;
 use faultline_operator::reconcile::{self, Clock, Config, Context};
-use faultline_operator::sidecar::SidecarClient;
 use http::{Request, Response, StatusCode};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::client::Body;
@@ -41,6 +40,28 @@ use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 
 pub const NS: &str = "vms";
+
+/// The operator's PKI on the local CA, which the local sidecars' certificates come from.
+pub fn operator_pki() -> Arc<faultline_operator::pki::OperatorPki> {
+    let local = faultline_local::pki::local().expect("local PKI");
+    Arc::new(
+        faultline_operator::pki::OperatorPki::new(local.ca.clone(), vec![7; 32])
+            .expect("operator PKI"),
+    )
+}
+
+/// A client for a local sidecar, as the operator dials it (namespace [`NS`]).
+pub fn sidecar_client(
+    api: std::net::SocketAddr,
+    timeout: Duration,
+) -> faultline_operator::sidecar::SidecarClient {
+    faultline_operator::sidecar::SidecarClient::new(
+        api,
+        timeout,
+        operator_pki().client_config(),
+        NS,
+    )
+}
 
 /// A small memtouch VM on memfd memory: the `faultline-vmm` arguments of a test pod.
 pub const VM: &[&str] = &["--memory", "64M", "--vcpus", "1", "--backing", "memfd"];
@@ -186,6 +207,7 @@ impl Cluster {
             ),
             Arc::new(Metrics::new()),
             clock,
+            operator_pki(),
         ))
     }
 
@@ -309,6 +331,15 @@ impl Cluster {
             .filter(|(k, _)| k.0 == "pods")
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    /// How many Secrets the API server holds.
+    pub fn secret_count(&self) -> usize {
+        lock(&self.store)
+            .objects
+            .keys()
+            .filter(|k| k.0 == "secrets")
+            .count()
     }
 
     pub fn events(&self) -> Vec<Value> {
@@ -456,7 +487,7 @@ impl Cluster {
             .unwrap_or_else(|| panic!("VM pod {name} did not become ready: {pod:#}"));
         // The sidecar is ready once joined; the VM itself starts running a moment later.
         let (_, api) = self.pod_processes(name).expect("VM pod processes");
-        let sidecar = SidecarClient::new(api, Duration::from_secs(5));
+        let sidecar = sidecar_client(api, Duration::from_secs(5));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let now = sidecar
@@ -1181,7 +1212,7 @@ async fn start_pod(store: &Arc<Mutex<Store>>, key: Key) {
     lock(store).running.insert(uid.clone(), procs);
     // Ready once the sidecar is (its readiness probe: joined to the VMM).
     if let Some(api) = api {
-        let c = SidecarClient::new(api, Duration::from_secs(2));
+        let c = sidecar_client(api, Duration::from_secs(2));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(None) = c.readyz().await {
@@ -1297,6 +1328,12 @@ fn run_containers(pod: &Value) -> Result<PodProcesses, String> {
                     args.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
                 }
             }
+            // The namespace's certificate Secret, as a real pod mounts it.
+            let pki = faultline_local::pki::local().map_err(|e| e.to_string())?;
+            args.extend([
+                "--tls-dir".to_string(),
+                pki.sidecar_dir().display().to_string(),
+            ]);
             let mut child = Command::new(binary("faultline-sidecar"))
                 .args(&args)
                 .env_clear()
@@ -1359,13 +1396,8 @@ pub fn pod_path(name: &str) -> String {
     format!("/api/v1/namespaces/{NS}/pods/{name}")
 }
 
-pub fn secret_path(name: &str) -> String {
-    format!("/api/v1/namespaces/{NS}/secrets/{name}")
-}
-
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/vms/events";
 pub const PODS: &str = "/api/v1/namespaces/vms/pods";
-pub const SECRETS: &str = "/api/v1/namespaces/vms/secrets";
 pub const ALL_MIGRATIONS: &str = "/apis/faultline.dev/v1alpha1/virtualmachinemigrations";
 
 /// Requests without their query strings.

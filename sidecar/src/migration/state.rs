@@ -13,11 +13,12 @@ use faultline::trap::Backend;
 use faultline::wire::{Channel, LayoutDigest, Secret};
 
 use super::{Counters, Stop};
+use crate::transport::Protection;
 
 /// An accepted, authenticated connection from a source, handed to the target engine.
 pub struct Accepted {
     pub channel: Channel,
-    pub stream: std::net::TcpStream,
+    pub stream: faultline::tls::Stream,
 }
 
 struct Inner {
@@ -40,6 +41,8 @@ pub struct Migration {
     pub policy: Policy,
     pub peer: Option<String>,
     pub secret: Secret,
+    /// TLS or plaintext, per the policy, for every connection of this migration.
+    pub protection: Protection,
     pub request: StartMigration,
     pub started: Instant,
     pub counters: Counters,
@@ -53,7 +56,7 @@ pub struct Migration {
 }
 
 impl Migration {
-    pub fn new(request: StartMigration, secret: Secret) -> Self {
+    pub fn new(request: StartMigration, secret: Secret, protection: Protection) -> Self {
         let phase = match request.role {
             Role::Source => Phase::Connecting,
             Role::Target => Phase::Waiting,
@@ -64,6 +67,7 @@ impl Migration {
             policy: request.policy.clone(),
             peer: request.peer.clone(),
             secret,
+            protection,
             started: Instant::now(),
             counters: Counters::new(),
             cancel: AtomicBool::new(false),
@@ -239,6 +243,7 @@ impl Migration {
             phase: g.phase,
             mode: self.policy.mode,
             trap: g.trap,
+            transport: self.policy.transport,
             committed: g.committed,
             vm_lost: g.vm_lost,
             progress: self.counters.progress(),
@@ -337,7 +342,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let conn = || Accepted {
             channel: Channel::Main,
-            stream: std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
+            stream: faultline::tls::Stream::Plain(
+                std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap(),
+            ),
         };
         assert!(m.deliver(conn()).is_err(), "not open yet");
         let rx = m.open_inbox();

@@ -42,8 +42,22 @@ pub fn run(sidecar: &Arc<Sidecar>, m: &Arc<Migration>) -> Result<(), Stop> {
         .clone()
         .ok_or_else(|| Stop::failed("no peer address"))?;
     let digest = layout_digest(&hello.layout);
-    let mut main = Conn::connect(&peer, Channel::Main, &m.id, &m.secret, &digest)?;
-    let urgent = Conn::connect(&peer, Channel::Urgent, &m.id, &m.secret, &digest)?;
+    let mut main = Conn::connect(
+        &m.protection,
+        &peer,
+        Channel::Main,
+        &m.id,
+        &m.secret,
+        &digest,
+    )?;
+    let urgent = Conn::connect(
+        &m.protection,
+        &peer,
+        Channel::Urgent,
+        &m.id,
+        &m.secret,
+        &digest,
+    )?;
 
     let mut src = Source {
         sidecar,
@@ -118,7 +132,7 @@ impl Source<'_> {
     /// Sends `pages` in chunks, checking for cancellation between chunks when `check`.
     fn send(
         &self,
-        w: &mut std::net::TcpStream,
+        w: &mut faultline::tls::Stream,
         pages: &[u64],
         known_zero: Option<&PageBitmap>,
         pacer: &mut Pacer,

@@ -76,7 +76,16 @@ impl Source<'_> {
         let m = self.m;
         // After a break the source has the whole completion timeout again to reconnect.
         let deadline = Instant::now() + m.completion_timeout();
-        let connect = |channel| Conn::connect(&self.peer, channel, &m.id, &m.secret, &self.digest);
+        let connect = |channel| {
+            Conn::connect(
+                &m.protection,
+                &self.peer,
+                channel,
+                &m.id,
+                &m.secret,
+                &self.digest,
+            )
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;

@@ -1,6 +1,6 @@
 //! The source's connections as the listener hands them over, in whatever order they arrive.
 
-use std::net::TcpStream;
+use faultline::tls::Stream;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,8 @@ pub(super) struct Conns {
     inbox: Receiver<Accepted>,
     /// Until when the source may take to connect (the completion timeout).
     deadline: Instant,
-    main: Option<TcpStream>,
-    urgent: Option<TcpStream>,
+    main: Option<Stream>,
+    urgent: Option<Stream>,
 }
 
 impl Conns {
@@ -30,7 +30,7 @@ impl Conns {
     }
 
     /// Waits for the source's `channel`, until the completion timeout or a cancel.
-    pub fn take(&mut self, channel: Channel, m: &Migration) -> Result<TcpStream, Stop> {
+    pub fn take(&mut self, channel: Channel, m: &Migration) -> Result<Stream, Stop> {
         self.take_until(channel, m, self.deadline)
     }
 
@@ -41,13 +41,13 @@ impl Conns {
         channel: Channel,
         m: &Migration,
         patience: Duration,
-    ) -> Result<TcpStream, Stop> {
+    ) -> Result<Stream, Stop> {
         self.take_until(channel, m, self.deadline + patience)
     }
 
     /// Waits for the source to connect `channel` again after the link broke, for up to the
     /// completion timeout from now.
-    pub fn retake(&mut self, channel: Channel, m: &Migration) -> Result<TcpStream, Stop> {
+    pub fn retake(&mut self, channel: Channel, m: &Migration) -> Result<Stream, Stop> {
         let until = Instant::now() + m.completion_timeout();
         self.take_until(channel, m, until)
     }
@@ -57,7 +57,7 @@ impl Conns {
         channel: Channel,
         m: &Migration,
         deadline: Instant,
-    ) -> Result<TcpStream, Stop> {
+    ) -> Result<Stream, Stop> {
         loop {
             let slot = match channel {
                 Channel::Main => &mut self.main,
@@ -101,7 +101,8 @@ mod tests {
         let m = crate::testing::migration(Role::Target, Policy::default());
         let rx = m.open_inbox();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let connect = || TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let connect =
+            || Stream::Plain(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
         m.deliver(Accepted {
             channel: Channel::Urgent,
             stream: connect(),

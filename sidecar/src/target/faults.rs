@@ -6,7 +6,7 @@
 //! fault on a missing page sends a request; a fault on a page being installed waits for that
 //! install to wake it; a fault on a page that became valid meanwhile is woken at once.
 
-use std::net::TcpStream;
+use faultline::tls::Stream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -78,7 +78,7 @@ impl Target<'_> {
         &self,
         installer: &Installer,
         events: &mut Option<VmmClient>,
-        urgent: TcpStream,
+        urgent: Stream,
         waiting: &Waiting,
         done: &AtomicBool,
     ) -> Result<(), Link> {
@@ -101,17 +101,27 @@ impl Target<'_> {
             tv_sec: 0,
             tv_nsec: POLL_TIMEOUT.as_nanos() as i64,
         };
+        let no_wait = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         while !installer.states().all_valid() && !done.load(Ordering::Acquire) {
+            // Replies TLS has already decrypted do not show on the socket: look, don't wait.
+            let buffered = reader.get_ref().buffered();
             let fault_fd = faults.fd();
             let mut fds = [
                 PollFd::new(&fault_fd, PollFlags::IN),
                 PollFd::new(reader.get_ref(), PollFlags::IN),
             ];
-            match rustix::event::poll(&mut fds, Some(&timeout)) {
+            let wait = if buffered { &no_wait } else { &timeout };
+            match rustix::event::poll(&mut fds, Some(wait)) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(Link::fatal(format!("poll failed: {e}"))),
             }
-            let (faulting, replied) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            let (faulting, replied) = (
+                !fds[0].revents().is_empty(),
+                buffered || !fds[1].revents().is_empty(),
+            );
             if faulting {
                 faulted.clear();
                 faults.read(self.total, &mut faulted)?;
@@ -151,7 +161,7 @@ impl Target<'_> {
         }
         // Close gracefully: replies still in flight are read and dropped, so the source sees
         // an orderly end rather than a reset.
-        let _ = writer.shutdown(std::net::Shutdown::Write);
+        let _ = writer.shutdown_write();
         let _ = reader.get_ref().set_read_timeout(Some(DRAIN_READ_TIMEOUT));
         let until = Instant::now() + DRAIN_WINDOW;
         while Instant::now() < until && reader.read().is_ok() {}

@@ -51,17 +51,28 @@ pub fn spawn(listener: TcpListener, sidecar: Arc<Sidecar>) -> std::io::Result<()
         .map(|_| ())
 }
 
-fn accept(stream: TcpStream, sidecar: &Sidecar) -> Result<(), String> {
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+fn accept(sock: TcpStream, sidecar: &Sidecar) -> Result<(), String> {
+    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    // The connection is protected as the current target migration's policy says (TLS with
+    // that migration's identities); with no target migration here there is nothing to join.
+    let Some(current) = sidecar
+        .current()
+        .filter(|m| m.role == Role::Target && !m.phase().is_terminal())
+    else {
+        return Err("no target migration is waiting here".into());
+    };
+    let stream = current
+        .protection
+        .accept(sock)
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     let hello = handshake::server_hello(&mut reader).map_err(|e| e.to_string())?;
     let Some(m) = sidecar
         .current()
-        .filter(|m| m.role == Role::Target && m.id == hello.id && !m.phase().is_terminal())
+        .filter(|m| Arc::ptr_eq(m, &current) && m.id == hello.id && !m.phase().is_terminal())
     else {
         return Err(refuse(
             &mut writer,

@@ -4,8 +4,8 @@
 //! vCPUs that touch missing pages wait, the others run — until the source reconnects; the
 //! target then says which pages it still needs and a new session starts.
 
+use faultline::tls::Stream;
 use std::collections::HashMap;
-use std::net::TcpStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ impl Target<'_> {
         &self,
         armed: &mut ArmedTrap,
         main: Conn,
-        urgent: TcpStream,
+        urgent: Stream,
         conns: &mut Conns,
     ) -> Result<Conn, Stop> {
         let m = self.m;
@@ -81,7 +81,7 @@ impl Target<'_> {
         &self,
         installer: &Installer,
         conns: &mut Conns,
-    ) -> Result<(Conn, TcpStream), Stop> {
+    ) -> Result<(Conn, Stream), Stop> {
         let mut main = Conn::new(conns.retake(Channel::Main, self.m)?)?;
         expect(&mut main.reader, Peer::Source, "resume", |c| {
             matches!(c, Control::Resume).then_some(())
@@ -105,7 +105,7 @@ impl Target<'_> {
         installer: &Installer,
         events: &mut Option<VmmClient>,
         main: &mut Conn,
-        urgent: TcpStream,
+        urgent: Stream,
         waiting: &Waiting,
     ) -> Result<(), Link> {
         let done = AtomicBool::new(false);
@@ -120,7 +120,7 @@ impl Target<'_> {
                 if r.is_err() {
                     // Unblock the push receiver: this session is over.
                     done.store(true, Ordering::Release);
-                    let _ = main_socket.shutdown(std::net::Shutdown::Both);
+                    let _ = main_socket.shutdown();
                 }
                 r
             })

@@ -1,6 +1,9 @@
-//! One authenticated channel (main or urgent) as a reader and a writer over the same socket.
+//! One authenticated channel (main or urgent) as a reader and a writer over the same
+//! connection: TLS or plaintext as the migration's [`Protection`] says.
 
 use std::net::{TcpStream, ToSocketAddrs};
+
+use faultline::tls::Stream;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,6 +12,7 @@ use faultline::wire::frame::FrameReader;
 use faultline::wire::handshake::{self, Channel, LayoutDigest, Secret};
 
 use crate::migration::Stop;
+use crate::transport::Protection;
 
 /// How long the source waits for a TCP connection to the target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,13 +23,13 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// A connected, authenticated channel: reader and writer halves of one socket.
 pub struct Conn {
-    pub reader: FrameReader<TcpStream>,
-    pub writer: TcpStream,
+    pub reader: FrameReader<Stream>,
+    pub writer: Stream,
 }
 
 impl Conn {
-    /// Splits an authenticated socket into a reader and a writer.
-    pub fn new(stream: TcpStream) -> Result<Self, Stop> {
+    /// Splits an authenticated connection into a reader and a writer.
+    pub fn new(stream: Stream) -> Result<Self, Stop> {
         let reader = FrameReader::new(stream.try_clone().context("clone socket")?);
         Ok(Self {
             reader,
@@ -39,9 +43,11 @@ impl Conn {
         Self::new(self.writer.try_clone().context("clone socket")?)
     }
 
-    /// Source: dials the target sidecar at `peer` and authenticates `channel` of migration
-    /// `id` with the shared secret and this VM's layout digest.
+    /// Source: dials the target sidecar at `peer`, protects the connection as `protection`
+    /// says, and authenticates `channel` of migration `id` with the shared secret and this
+    /// VM's layout digest.
     pub fn connect(
+        protection: &Protection,
         peer: &str,
         channel: Channel,
         id: &str,
@@ -59,6 +65,9 @@ impl Conn {
         stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
             .context("read timeout")?;
+        let stream = protection
+            .dial(stream)
+            .with_context(|| format!("TLS handshake with the target at {peer} failed"))?;
         let mut conn = Self::new(stream)?;
         handshake::client(
             &mut conn.reader,
@@ -79,7 +88,7 @@ impl Conn {
 
     /// Ends the connection both ways (the peer's reads see it closed).
     pub fn shutdown(&self) {
-        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        let _ = self.writer.shutdown();
     }
 }
 

@@ -9,8 +9,10 @@ pub mod channel;
 pub mod control;
 pub mod incoming;
 pub mod pages;
+pub mod protection;
 
 pub use channel::{Conn, is_timeout};
 pub use control::{Peer, expect};
 pub use incoming::{Incoming, read_incoming};
 pub use pages::{BATCH, Pacer, PageSender};
+pub use protection::Protection;

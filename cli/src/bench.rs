@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
-use crate::demo::{self, DemoArgs, DirtyRate, ModeArg, Report};
+use crate::demo::{self, DemoArgs, DirtyRate, ModeArg, Report, TransportArg};
 use crate::floors::{self, Floors};
+use faultline::policy::Transport;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -77,25 +78,39 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
     );
     let floors = floors::measure(args.quick)?;
     let memory: u64 = if args.quick { 256 << 20 } else { 1 << 30 };
-    let plan: Vec<(ModeArg, DirtyRate, u32)> = if args.quick {
+    // Every migration over TLS (the default), and the two idle ones again in plaintext: the
+    // price of encryption, measured in the same run.
+    let mut plan: Vec<(ModeArg, DirtyRate, u32, TransportArg)> = if args.quick {
         vec![
-            (ModeArg::Postcopy, DirtyRate::Idle, 0),
-            (ModeArg::Precopy, DirtyRate::Idle, 8),
-            (ModeArg::Hybrid, DirtyRate::Heavy, 8),
+            (ModeArg::Postcopy, DirtyRate::Idle, 0, TransportArg::Tls),
+            (ModeArg::Precopy, DirtyRate::Idle, 8, TransportArg::Tls),
+            (ModeArg::Hybrid, DirtyRate::Heavy, 8, TransportArg::Tls),
         ]
     } else {
         let mut p = Vec::new();
         for rate in [DirtyRate::Idle, DirtyRate::Heavy] {
-            p.push((ModeArg::Precopy, rate, 8));
-            p.push((ModeArg::Postcopy, rate, 0));
-            p.push((ModeArg::Hybrid, rate, 8));
+            p.push((ModeArg::Precopy, rate, 8, TransportArg::Tls));
+            p.push((ModeArg::Postcopy, rate, 0, TransportArg::Tls));
+            p.push((ModeArg::Hybrid, rate, 8, TransportArg::Tls));
         }
         p
     };
+    plan.push((
+        ModeArg::Postcopy,
+        DirtyRate::Idle,
+        0,
+        TransportArg::Plaintext,
+    ));
+    plan.push((
+        ModeArg::Precopy,
+        DirtyRate::Idle,
+        8,
+        TransportArg::Plaintext,
+    ));
     let mut runs = Vec::new();
-    for (mode, rate, passes) in plan {
+    for (mode, rate, passes, transport) in plan {
         say(&format!(
-            "migrating a {} guest, {mode:?}, {rate:?} dirty rate …",
+            "migrating a {} guest, {mode:?}, {rate:?} dirty rate, {transport:?} …",
             faultline::units::format_size(memory)
         ));
         let demo_args = DemoArgs {
@@ -110,6 +125,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
             prefill: true,
             warmup: Duration::from_millis(500),
             verify_for: Duration::from_secs(3),
+            transport,
             json: true,
         };
         let report = demo::migrate(&demo_args, false)?;
@@ -143,8 +159,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The TLS run of `mode` at `rate` (what users get by default).
 fn find(runs: &[Report], mode: faultline::sidecar_api::Mode, rate: DirtyRate) -> Option<&Report> {
-    runs.iter().find(|r| r.mode == mode && r.dirty_rate == rate)
+    find_over(runs, mode, rate, Transport::Tls)
+}
+
+fn find_over(
+    runs: &[Report],
+    mode: faultline::sidecar_api::Mode,
+    rate: DirtyRate,
+    transport: Transport,
+) -> Option<&Report> {
+    runs.iter()
+        .find(|r| r.mode == mode && r.dirty_rate == rate && r.transport == transport)
 }
 
 fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
@@ -212,6 +239,44 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
             met: ratio >= 0.7,
         });
     }
+    // The price of TLS: the same idle migrations in plaintext, in this run.
+    let plain = |mode| find_over(runs, mode, DirtyRate::Idle, Transport::Plaintext);
+    if let (Some(tls), Some(plain)) = (
+        find(runs, Mode::PreCopy, DirtyRate::Idle),
+        plain(Mode::PreCopy),
+    ) {
+        let ratio = tls.throughput_bytes_per_sec / plain.throughput_bytes_per_sec.max(1.0);
+        out.push(Target {
+            name: "tls_bulk_throughput",
+            value: tls.throughput_bytes_per_sec,
+            unit: "bytes/s",
+            reference: plain.throughput_bytes_per_sec,
+            reference_is: "the same pre-copy migration in plaintext",
+            ratio,
+            limit: 0.9,
+            bound: "at least",
+            met: ratio >= 0.9,
+        });
+    }
+    if let (Some(tls), Some(plain)) = (
+        find(runs, Mode::PostCopy, DirtyRate::Idle),
+        plain(Mode::PostCopy),
+    ) {
+        let value = tls.fault_latency_us.p50 as f64;
+        let reference = (plain.fault_latency_us.p50 as f64).max(1.0);
+        let ratio = value / reference;
+        out.push(Target {
+            name: "tls_fault_latency_p50",
+            value,
+            unit: "us",
+            reference,
+            reference_is: "the same post-copy migration in plaintext (p50)",
+            ratio,
+            limit: 1.2,
+            bound: "at most",
+            met: ratio <= 1.2,
+        });
+    }
     let worst = runs
         .iter()
         .filter_map(|r| r.downtime_ms)
@@ -262,14 +327,24 @@ fn print_table(r: &BenchReport) {
         faultline::units::format_size(r.runs.first().map(|x| x.memory_bytes).unwrap_or(0))
     );
     println!(
-        "  {:<10} {:<9} {:>9} {:>10} {:>7} {:>10} {:>7} {:>9} {:>9}",
-        "mode", "dirty", "total ms", "downtime", "rounds", "MB/s", "faults", "p50 µs", "p99 µs"
+        "  {:<10} {:<9} {:<9} {:>9} {:>10} {:>7} {:>10} {:>7} {:>9} {:>9}",
+        "mode",
+        "dirty",
+        "transport",
+        "total ms",
+        "downtime",
+        "rounds",
+        "MB/s",
+        "faults",
+        "p50 µs",
+        "p99 µs"
     );
     for x in &r.runs {
         println!(
-            "  {:<10} {:<9} {:>9.0} {:>10.2} {:>7} {:>10.0} {:>7} {:>9} {:>9}",
+            "  {:<10} {:<9} {:<9} {:>9.0} {:>10.2} {:>7} {:>10.0} {:>7} {:>9} {:>9}",
             format!("{:?}", x.mode).to_lowercase(),
             format!("{:?}", x.dirty_rate).to_lowercase(),
+            x.transport.describe(),
             x.total_ms,
             x.downtime_ms.unwrap_or(0.0),
             x.precopy_rounds,

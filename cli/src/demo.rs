@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use faultline::policy::Transport;
 use faultline::sidecar_api::{
     LatencySummary, MigrationStatus, Mode, Phase, Policy, Role, StartMigration,
 };
@@ -84,9 +85,28 @@ pub struct DemoArgs {
     /// How long the guest keeps running and verifying on the target afterwards (at least 3 s).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub verify_for: Duration,
+    /// How memory crosses between the sidecars: tls (the default) or plaintext (only for a
+    /// network you trust).
+    #[arg(long, value_enum, default_value = "tls")]
+    pub transport: TransportArg,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    Tls,
+    Plaintext,
+}
+
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Tls => Transport::Tls,
+            TransportArg::Plaintext => Transport::Plaintext,
+        }
+    }
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -107,6 +127,8 @@ pub struct Report {
     pub result: String,
     pub mode: Mode,
     pub trap: Option<Backend>,
+    /// How memory crossed between the sidecars, as they ran it.
+    pub transport: Transport,
     pub backing: String,
     pub memory_bytes: u64,
     pub vcpus: u32,
@@ -216,6 +238,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let mut policy = Policy {
         mode: args.mode.into(),
         max_downtime_ms: args.max_downtime_ms,
+        transport: args.transport.into(),
         ..Policy::default()
     };
     policy.precopy_passes = args.precopy_passes.unwrap_or(match args.mode {
@@ -406,6 +429,7 @@ fn report_from(
         },
         mode: s.mode,
         trap: d.trap.or(s.trap),
+        transport: s.transport,
         backing: args.backing.clone(),
         memory_bytes: args.memory,
         vcpus: args.vcpus,
@@ -448,6 +472,7 @@ fn print_report(r: &Report) {
             .map(|t| t.to_string())
             .unwrap_or_else(|| "none (pre-copy only)".into())
     );
+    println!("  transport:        {}", r.transport.describe());
     println!("  total time:       {:.0} ms", r.total_ms);
     match r.downtime_ms {
         Some(d) => println!("  downtime:         {d:.2} ms (source paused → target running)"),

@@ -750,3 +750,184 @@ fn strangers_cannot_drive_a_sidecar() {
     );
     assert_source_keeps_running(&p);
 }
+
+/// The attacker process (`faultline-attacker relay`) between the sidecars; its address.
+struct Attacker {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Attacker {
+    fn relay(to: &str, extra: &[String]) -> Self {
+        let mut child = std::process::Command::new(
+            faultline_local::binary("faultline-attacker").expect("faultline-attacker"),
+        )
+        .args(["relay", "--to", to])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the attacker");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("the attacker's address");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        let addr = v["listen"].as_str().expect("listen").to_string();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_via(p: &Pair, id: &str, policy: &Policy, secret: &Secret, peer: &str) {
+    p.dst
+        .sidecar
+        .client()
+        .start(&request(id, Role::Target, None, secret, policy))
+        .expect("start target");
+    p.src
+        .sidecar
+        .client()
+        .start(&request(
+            id,
+            Role::Source,
+            Some(peer.to_string()),
+            secret,
+            policy,
+        ))
+        .expect("start source");
+}
+
+/// One bit flipped by an attacker on the path, before the point of no return: TLS detects it
+/// (the record fails authentication), the connection ends, the migration fails, the source
+/// VM runs on untouched and the target VM never runs.
+#[test]
+fn a_flipped_bit_before_the_commit_point_fails_the_migration_and_the_source_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let p = pair(
+        "flip-pre",
+        &[
+            "--memory",
+            "256M",
+            "--vcpus",
+            "2",
+            "--dirty-rate",
+            "heavy",
+            "--prefill",
+        ],
+    );
+    // 4 MiB into the main channel: pre-copy pages.
+    let attacker = Attacker::relay(
+        &p.dst.sidecar.migration_addr(),
+        &["--flip-at".into(), (4u64 << 20).to_string()],
+    );
+    let secret = Secret::generate().expect("secret");
+    start_via(&p, "flip-pre", &endless_precopy(), &secret, &attacker.addr);
+    let s = wait_terminal(&p.src, "flip-pre", Duration::from_secs(60));
+    let t = wait_terminal(&p.dst, "flip-pre", Duration::from_secs(30));
+    assert_eq!(s.phase, Phase::Failed, "{s:#?}");
+    assert!(!s.committed && !t.committed);
+    assert!(t.phase.is_terminal(), "{t:#?}");
+    let why = format!("{:?} {:?}", t.error, s.error);
+    assert!(
+        why.to_lowercase().contains("decrypt")
+            || why.contains("BadRecordMac")
+            || why.contains("alert"),
+        "the failure names the TLS integrity check: {why}"
+    );
+    assert_source_keeps_running(&p);
+    let dst = vmm_status(&p.dst.vmm);
+    assert_eq!(dst.run_ms, 0, "the target VM ran: {dst:?}");
+}
+
+/// One bit flipped after the point of no return, in post-copy: TLS detects it, the link
+/// breaks, the source reconnects (the attacker tampers only once) and resends what the target
+/// still needs; nothing corrupt was installed, which the guest verifies on every page.
+#[test]
+fn a_flipped_bit_after_the_commit_point_breaks_the_link_and_nothing_corrupt_is_installed() {
+    if !kvm_available() {
+        return;
+    }
+    let mut p = pair(
+        "flip-post",
+        &["--memory", "256M", "--vcpus", "2", "--prefill"],
+    );
+    // 16 MiB into the main channel: past the switch-over, in the background push.
+    let attacker = Attacker::relay(
+        &p.dst.sidecar.migration_addr(),
+        &["--flip-at".into(), (16u64 << 20).to_string()],
+    );
+    let secret = Secret::generate().expect("secret");
+    let policy = Policy {
+        mode: Mode::PostCopy,
+        precopy_passes: 0,
+        bandwidth_limit: 64_000_000,
+        ..Policy::default()
+    };
+    start_via(&p, "flip-post", &policy, &secret, &attacker.addr);
+    let (src, dst) = finish_and_verify(&mut p, "flip-post");
+    assert!(
+        src.progress.reconnects + dst.progress.reconnects >= 1,
+        "the tampered link was not replaced: {src:#?} {dst:#?}"
+    );
+    drop(attacker);
+}
+
+/// A handshake recorded on the path and sent again, to a target waiting for a migration with
+/// the very same id and secret: TLS 1.3's fresh keys make it worthless; refused, nothing moves.
+#[test]
+fn a_replayed_handshake_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("faultline-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let recording = dir.join("first-connection.bin");
+    let secret = Secret::generate().expect("secret");
+    let pol = policy(Mode::PreCopy, 2);
+    {
+        let mut p = pair("replay-1", &["--memory", "64M", "--vcpus", "1"]);
+        let attacker = Attacker::relay(
+            &p.dst.sidecar.migration_addr(),
+            &["--record".into(), recording.display().to_string()],
+        );
+        start_via(&p, "replayed", &pol, &secret, &attacker.addr);
+        finish_and_verify(&mut p, "replayed");
+    }
+    let recorded = std::fs::read(&recording).expect("the recording");
+    assert!(recorded.len() > 1000, "recorded {} bytes", recorded.len());
+
+    let p = pair("replay-2", &["--memory", "64M", "--vcpus", "1"]);
+    p.dst
+        .sidecar
+        .client()
+        .start(&request("replayed", Role::Target, None, &secret, &pol))
+        .expect("start target");
+    let out = std::process::Command::new(
+        faultline_local::binary("faultline-attacker").expect("faultline-attacker"),
+    )
+    .args(["replay", "--to", &p.dst.sidecar.migration_addr(), "--from"])
+    .arg(&recording)
+    .output()
+    .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = p.dst.sidecar.client().status("replayed").expect("status");
+    assert_eq!(t.progress.transferred_pages, 0, "{t:#?}");
+    assert!(!t.phase.is_terminal() && !t.committed, "{t:#?}");
+    assert!(t.message.contains("refused"), "{}", t.message);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -147,6 +147,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: network_cut_after_commit,
     },
     Scenario {
+        name: "strangers-refused",
+        what: "a running VM's sidecar, called as a stranger would: no client certificate 401, another CA's operator certificate, an expired one from the cluster CA and the namespace's own sidecar certificate 403, for start, list, node and cancel; health open; nothing started, guest running",
+        run: strangers_refused,
+    },
+    Scenario {
         name: "operator-rbac-clean",
         what: "no 403 in any operator replica's log: the chart's RBAC is what the operator needs",
         run: operator_rbac_clean,
@@ -1447,6 +1452,92 @@ fn network_cut_after_commit(c: &Ctx<'_>) -> Result<String> {
         "network cut after the commit point: Stalled after {:.0} s, healed 3 s later; completed with {reconnects} reconnect(s), Stalled cleared; {guest}",
         stalled_after.as_secs_f64()
     ))
+}
+
+/// The value of `key` in Secret `ns/name`, as text.
+fn secret_value(c: &Ctx<'_>, ns: &str, name: &str, key: &str) -> Result<String> {
+    use base64::Engine;
+    let secret = c
+        .kube
+        .get(Some(ns), "secret", name)?
+        .with_context(|| format!("no Secret {ns}/{name}"))?;
+    let b64 = secret["data"][key]
+        .as_str()
+        .with_context(|| format!("Secret {ns}/{name} has no {key}"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .with_context(|| format!("Secret {ns}/{name}: {key} is not base64"))?;
+    String::from_utf8(bytes).with_context(|| format!("Secret {ns}/{name}: {key} is not text"))
+}
+
+fn strangers_refused(c: &Ctx<'_>) -> Result<String> {
+    use faultline::tls::control::client_config;
+    use faultline::tls::pki::{Ca, OPERATOR_NAME, Usage};
+    use faultline_local::{ClientTls, SidecarClient};
+
+    fresh(c)?;
+    let pod = vm::create(c.kube, &vm::example(c.kube, c.repo)?)?;
+    let name = s(&pod, &["metadata", "name"]).to_string();
+    vm::guest_running(c.kube, &name)?;
+    let ip = s(&pod, &["status", "podIP"]).to_string();
+    let api = format!("{ip}:9180");
+    let ca_pem = secret_value(c, OPERATOR_NAMESPACE, "faultline-ca", "ca.crt")?;
+    let ca_key = secret_value(c, OPERATOR_NAMESPACE, "faultline-ca", "ca.key")?;
+    let cluster_ca = Ca::from_pem(&ca_pem, &ca_key)?;
+    let hour = Duration::from_secs(3600);
+    let foreign = Ca::generate(hour)?.issue(OPERATOR_NAME, Usage::Client, hour)?;
+    let expired = cluster_ca.issue(OPERATOR_NAME, Usage::Client, Duration::from_secs(1))?;
+    let sidecar_cert = secret_value(c, NAMESPACE, "faultline-sidecar-tls", "tls.crt")?;
+    let sidecar_key = secret_value(c, NAMESPACE, "faultline-sidecar-tls", "tls.key")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let as_client = |identity: Option<(&str, &str)>| -> Result<SidecarClient> {
+        let tls = ClientTls::for_namespace(client_config(&ca_pem, identity)?, NAMESPACE)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(SidecarClient::with_tls(&api, tls))
+    };
+    let steal = json!({"id": "stolen", "role": "source", "peer": "10.244.1.250:9181",
+        "secret": "c3RvbGVuc3RvbGVuc3RvbGVuc3RvbGVuc3RvbGVuc3RvbGVu", "policy": {"mode": "pre-copy"}})
+    .to_string();
+    let mut seen = Vec::new();
+    for (who, client, want) in [
+        ("no certificate", as_client(None)?, 401),
+        (
+            "another CA",
+            as_client(Some((&foreign.cert_pem, &foreign.key_pem)))?,
+            403,
+        ),
+        (
+            "expired",
+            as_client(Some((&expired.cert_pem, &expired.key_pem)))?,
+            403,
+        ),
+        (
+            "the namespace's sidecar certificate",
+            as_client(Some((&sidecar_cert, &sidecar_key)))?,
+            403,
+        ),
+    ] {
+        for (method, path, body) in [
+            ("POST", "/v1/migrations", Some(steal.as_bytes())),
+            ("GET", "/v1/migrations", None),
+            ("GET", "/v1/node", None),
+            ("POST", "/v1/migrations/stolen/cancel", None),
+        ] {
+            let (status, answer) = client.request(method, path, body)?;
+            ensure!(
+                status == want,
+                "{who}: {method} {path} answered {status}, not {want}: {answer}"
+            );
+        }
+        let (status, _) = client.request("GET", "/healthz", None)?;
+        ensure!(status == 200, "{who}: /healthz answered {status}");
+        seen.push(format!("{who} {want}"));
+    }
+    let admin = SidecarClient::with_tls(&api, vm::admin_tls()?);
+    let started = admin.list()?;
+    ensure!(started.is_empty(), "a refused request started {started:?}");
+    let guest = vm::guest_running(c.kube, &name)?;
+    Ok(format!("{}; nothing started; {guest}", seen.join(", ")))
 }
 
 fn operator_rbac_clean(c: &Ctx<'_>) -> Result<String> {

@@ -32,7 +32,7 @@ pub enum Command {
     /// Print the CustomResourceDefinition YAML (what crds/virtualmachinemigrations.yaml holds).
     Crd,
     /// Write operator credentials for an administrator (ca.crt, tls.crt, tls.key) into a
-    /// directory: with them `curl` or `faultline` can drive a sidecar as the operator does.
+    /// directory: with them a client such as `curl` can drive a sidecar as the operator does.
     /// Reads the CA from the cluster, so it needs the right to read Secrets in the operator's
     /// namespace.
     Credentials(CredentialsArgs),

@@ -450,7 +450,8 @@ pub struct VirtualMachineMigrationStatus {
     /// `none` for a pre-copy-only migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mechanism: Option<String>,
-    /// How guest memory crossed the network, as the sidecars ran it: `TLS 1.3` or `plaintext`.
+    /// How guest memory crosses the network: `TLS 1.3` or `plaintext`, as the sidecars report it
+    /// (until they do, as they were asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// Why that mechanism: what the target node's probe said.

@@ -39,6 +39,10 @@ const VMM_SOCKET: &str = "/run/faultline/vmm.sock";
 /// The ports docs/sidecar-api.md and the operator assume.
 const API_LISTEN: &str = "0.0.0.0:9180";
 const MIGRATION_LISTEN: &str = "0.0.0.0:9181";
+/// How long a sidecar asked to stop keeps answering after a migration ended: the kubelet stops
+/// a source pod's sidecar as soon as its fenced VMM exits, often before the operator's next
+/// poll has read the outcome (the downtime, the final counters).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(8);
 /// Where a VM pod mounts the namespace's sidecar certificate.
 const TLS_DIR: &str = "/var/run/faultline/tls";
 
@@ -117,10 +121,15 @@ fn main() -> anyhow::Result<()> {
         // ignore it and hold the pod's deletion for its whole grace period.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install the SIGTERM handler")?;
+        let lingering = sidecar.clone();
         serve::serve(http, tls, api::router(sidecar), async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+            }
+            if lingering.busy_within(LINGER) {
+                tracing::info!("stopping on a signal in {LINGER:?}: a migration ended just now");
+                tokio::time::sleep(LINGER).await;
             }
             tracing::info!("stopping on a signal");
         })

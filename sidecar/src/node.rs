@@ -141,6 +141,15 @@ impl Sidecar {
         m.current.iter().chain(m.finished.iter()).cloned().collect()
     }
 
+    /// Whether a migration is running, or ended less than `within` ago (its outcome may not
+    /// have been read yet).
+    pub fn busy_within(&self, within: std::time::Duration) -> bool {
+        self.all().iter().any(|m| match m.finished_at() {
+            None => true,
+            Some(t) => t.elapsed() < within,
+        })
+    }
+
     pub fn find(&self, id: &str) -> Option<Arc<Migration>> {
         self.all().into_iter().find(|m| m.id == id)
     }

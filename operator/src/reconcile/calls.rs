@@ -1,4 +1,4 @@
-//! Calls the reconciler makes: deleting pods and Secrets, and every request to a sidecar
+//! Calls the reconciler makes: deleting pods, and every request to a sidecar
 //! (counted in the metrics).
 
 use super::*;

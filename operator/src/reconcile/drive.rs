@@ -123,6 +123,12 @@ impl Reconciler<'_> {
             );
         }
         let progress = merge_progress(src_s, tgt_s, now);
+        // What the sidecars say they run, over what the operator asked for.
+        if let Some(t) = tgt_s.or(src_s).map(|x| x.transport.describe().to_string())
+            && n.transport.as_deref() != Some(t.as_str())
+        {
+            n.transport = Some(t);
+        }
         let message = src_s
             .filter(|x| x.role == Role::Source && !committed)
             .or(tgt_s)

@@ -7,7 +7,7 @@
 //!   carrying the resourceVersion read, so a stale or second writer gets a conflict instead of
 //!   overwriting. A restarted operator carries on from status; nothing lives only in memory
 //!   except the admission lock and event de-duplication.
-//! - **Idempotent steps.** Creating the Secret or the target pod tolerates finding them there;
+//! - **Idempotent steps.** Creating the target pod tolerates finding it there;
 //!   starting a sidecar migration again with the same body is answered 200 by the sidecar.
 //! - **A VM never runs in two places.** Before the point of no return (the sidecars'
 //!   `committed`) the operator may cancel and delete the target; after it, it never touches

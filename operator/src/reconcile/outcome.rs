@@ -52,7 +52,16 @@ impl Reconciler<'_> {
                 "the source VM is fenced; the migration can only complete",
             );
         }
-        n.progress = Some(merge_progress(src_s, Some(tgt_s), now));
+        let mut progress = merge_progress(src_s, Some(tgt_s), now);
+        // The source may be gone by now (its pod stops once its VMM exits): keep the downtime
+        // an earlier poll read from it.
+        if progress.downtime_ms.is_none()
+            && let Some(earlier) = n.progress.as_ref().filter(|p| p.downtime_ms.is_some())
+        {
+            progress.downtime_ms = earlier.downtime_ms;
+            progress.downtime = earlier.downtime.clone();
+        }
+        n.progress = Some(progress);
         let downtime = n.progress.as_ref().and_then(|p| p.downtime_ms);
         let took = n
             .start_time
@@ -114,7 +123,7 @@ impl Reconciler<'_> {
     }
 
     /// Stops a migration that has not passed the point of no return: cancel the sidecars,
-    /// delete the target pod and the Secret, record `phase`. If the sidecars say the point
+    /// delete the target pod, record `phase`. If the sidecars say the point
     /// of no return has passed after all, record that and carry on instead; if it cannot be
     /// told, do nothing destructive and wait.
     pub(super) async fn abort(

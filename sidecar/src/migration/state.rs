@@ -98,6 +98,11 @@ impl Migration {
         self.started + self.completion_timeout()
     }
 
+    /// When the migration ended, if it has.
+    pub fn finished_at(&self) -> Option<Instant> {
+        lock(&self.inner).finished
+    }
+
     pub fn phase(&self) -> Phase {
         lock(&self.inner).phase
     }

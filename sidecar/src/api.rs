@@ -128,7 +128,7 @@ async fn start(State(s): State<Arc<Sidecar>>, body: Bytes) -> Response {
             } else {
                 StatusCode::OK
             },
-            &m.status(),
+            &m.status_for_caller(),
         ),
         Ok(Err(StartError::BadRequest(e))) => error(StatusCode::BAD_REQUEST, e),
         Ok(Err(StartError::Conflict(e))) => error(StatusCode::CONFLICT, e),
@@ -138,7 +138,7 @@ async fn start(State(s): State<Arc<Sidecar>>, body: Bytes) -> Response {
 }
 
 async fn list(State(s): State<Arc<Sidecar>>) -> Response {
-    let all: Vec<_> = s.all().iter().map(|m| m.status()).collect();
+    let all: Vec<_> = s.all().iter().map(|m| m.status_for_caller()).collect();
     json(StatusCode::OK, &all)
 }
 
@@ -179,7 +179,7 @@ async fn get_one(State(s): State<Arc<Sidecar>>, Path(rest): Path<String>) -> Res
         return error(StatusCode::METHOD_NOT_ALLOWED, "use POST to cancel");
     }
     match s.find(&id) {
-        Some(m) => json(StatusCode::OK, &m.status()),
+        Some(m) => json(StatusCode::OK, &m.status_for_caller()),
         None => error(StatusCode::NOT_FOUND, format!("no migration `{id}`")),
     }
 }
@@ -196,7 +196,7 @@ async fn cancel(State(s): State<Arc<Sidecar>>, Path(rest): Path<String>) -> Resp
         return error(StatusCode::NOT_FOUND, format!("no migration `{id}`"));
     };
     match lifecycle::cancel(&m) {
-        Ok(()) => json(StatusCode::ACCEPTED, &m.status()),
+        Ok(()) => json(StatusCode::ACCEPTED, &m.status_for_caller()),
         Err(e) => error(StatusCode::CONFLICT, e),
     }
 }

@@ -39,9 +39,9 @@ const VMM_SOCKET: &str = "/run/faultline/vmm.sock";
 /// The ports docs/sidecar-api.md and the operator assume.
 const API_LISTEN: &str = "0.0.0.0:9180";
 const MIGRATION_LISTEN: &str = "0.0.0.0:9181";
-/// How long a sidecar asked to stop keeps answering after a migration ended: the kubelet stops
-/// a source pod's sidecar as soon as its fenced VMM exits, often before the operator's next
-/// poll has read the outcome (the downtime, the final counters).
+/// How long a sidecar asked to stop keeps answering after a migration ended whose outcome
+/// nobody has read: the kubelet stops a source pod's sidecar as soon as its fenced VMM exits,
+/// often before the operator's next poll has read the outcome (the downtime, the counters).
 const LINGER: std::time::Duration = std::time::Duration::from_secs(8);
 /// Where a VM pod mounts the namespace's sidecar certificate.
 const TLS_DIR: &str = "/var/run/faultline/tls";
@@ -127,9 +127,9 @@ fn main() -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            if lingering.busy_within(LINGER) {
-                tracing::info!("stopping on a signal in {LINGER:?}: a migration ended just now");
-                tokio::time::sleep(LINGER).await;
+            let until = tokio::time::Instant::now() + LINGER;
+            while lingering.outcome_unread(LINGER) && tokio::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             tracing::info!("stopping on a signal");
         })

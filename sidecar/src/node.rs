@@ -141,13 +141,10 @@ impl Sidecar {
         m.current.iter().chain(m.finished.iter()).cloned().collect()
     }
 
-    /// Whether a migration is running, or ended less than `within` ago (its outcome may not
-    /// have been read yet).
-    pub fn busy_within(&self, within: std::time::Duration) -> bool {
-        self.all().iter().any(|m| match m.finished_at() {
-            None => true,
-            Some(t) => t.elapsed() < within,
-        })
+    /// Whether a migration is running, or ended less than `within` ago and nobody has read its
+    /// outcome.
+    pub fn outcome_unread(&self, within: std::time::Duration) -> bool {
+        self.all().iter().any(|m| m.outcome_unread(within))
     }
 
     pub fn find(&self, id: &str) -> Option<Arc<Migration>> {

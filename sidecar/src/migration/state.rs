@@ -47,6 +47,8 @@ pub struct Migration {
     pub started: Instant,
     pub counters: Counters,
     cancel: AtomicBool,
+    /// Its final status has been served to a caller (the operator knows the outcome).
+    outcome_read: AtomicBool,
     inner: Mutex<Inner>,
     /// Target: the layout digest peers must match, once the engine knows its VMM.
     pub digest: OnceLock<LayoutDigest>,
@@ -71,6 +73,7 @@ impl Migration {
             started: Instant::now(),
             counters: Counters::new(),
             cancel: AtomicBool::new(false),
+            outcome_read: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 phase,
                 trap: None,
@@ -98,9 +101,21 @@ impl Migration {
         self.started + self.completion_timeout()
     }
 
-    /// When the migration ended, if it has.
-    pub fn finished_at(&self) -> Option<Instant> {
-        lock(&self.inner).finished
+    /// The status to serve a caller; once it is final, the outcome counts as read.
+    pub fn status_for_caller(&self) -> MigrationStatus {
+        let s = self.status();
+        if s.phase.is_terminal() {
+            self.outcome_read.store(true, Ordering::Release);
+        }
+        s
+    }
+
+    /// Still running, or ended less than `within` ago and nobody has read how.
+    pub fn outcome_unread(&self, within: std::time::Duration) -> bool {
+        match lock(&self.inner).finished {
+            None => true,
+            Some(t) => !self.outcome_read.load(Ordering::Acquire) && t.elapsed() < within,
+        }
     }
 
     pub fn phase(&self) -> Phase {
@@ -339,6 +354,28 @@ mod tests {
         let m = migration(Role::Source);
         assert_eq!(m.end(&Err(Stop::Cancelled("asked".into()))), "cancelled");
         assert_eq!(m.status().phase, Phase::Cancelled);
+    }
+
+    /// A stopping sidecar waits for the operator to read how a migration ended, and only for
+    /// that: a running migration holds it, a read outcome or an old one releases it.
+    #[test]
+    fn an_outcome_is_unread_until_a_caller_sees_the_final_status() {
+        let long = std::time::Duration::from_secs(60);
+        let m = migration(Role::Source);
+        assert!(m.outcome_unread(long), "still running");
+        m.status_for_caller();
+        assert!(
+            m.outcome_unread(long),
+            "a running status is not the outcome"
+        );
+        m.end(&Err(Stop::failed("boom")));
+        assert!(m.outcome_unread(long), "ended, nobody read it");
+        assert!(
+            !m.outcome_unread(std::time::Duration::ZERO),
+            "ended longer ago than the caller waits"
+        );
+        assert_eq!(m.status_for_caller().phase, Phase::Failed);
+        assert!(!m.outcome_unread(long), "read");
     }
 
     #[test]

@@ -931,3 +931,48 @@ fn a_replayed_handshake_is_refused() {
     assert!(t.message.contains("refused"), "{}", t.message);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A peer holding the complete credentials of another migration (its id and its secret,
+/// which the operator derives per migration) dials a target that waits for a different one:
+/// its identity is pinned to neither, so the TLS handshake fails. Nothing moves, and the
+/// target still waits for its own source.
+#[test]
+fn a_peer_with_another_migrations_credentials_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let p = pair("other-creds", &["--memory", "64M", "--vcpus", "1"]);
+    let pol = policy(Mode::PreCopy, 2);
+    let (victim, other) = (
+        Secret::generate().expect("secret"),
+        Secret::generate().expect("secret"),
+    );
+    p.dst
+        .sidecar
+        .client()
+        .start(&request("victim", Role::Target, None, &victim, &pol))
+        .expect("start target");
+    p.src
+        .sidecar
+        .client()
+        .start(&request(
+            "other",
+            Role::Source,
+            Some(p.dst.sidecar.migration_addr()),
+            &other,
+            &pol,
+        ))
+        .expect("start source");
+    let s = wait_terminal(&p.src, "other", Duration::from_secs(30));
+    assert_eq!(s.phase, Phase::Failed, "{s:#?}");
+    assert!(
+        s.error.as_deref().unwrap_or("").contains("TLS handshake"),
+        "{s:#?}"
+    );
+    assert_eq!(s.progress.transferred_pages, 0);
+    let t = p.dst.sidecar.client().status("victim").expect("status");
+    assert_eq!(t.progress.transferred_pages, 0, "{t:#?}");
+    assert!(!t.phase.is_terminal() && !t.committed, "{t:#?}");
+    assert!(t.message.contains("refused"), "{}", t.message);
+    assert_source_keeps_running(&p);
+}

@@ -273,4 +273,68 @@ mod tests {
         }
         assert_eq!(server_name().unwrap().to_str(), SERVER_NAME);
     }
+
+    /// Runs a TLS 1.3 handshake in memory; `Err` carries the side that refused and why.
+    fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Result<(), String> {
+        let mut c = rustls::ClientConnection::new(client, server_name().unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets()
+                    .map_err(|e| format!("target: {e}"))?;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets()
+                    .map_err(|e| format!("source: {e}"))?;
+            }
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err("no progress".into())
+    }
+
+    /// The pinning works in both directions: only the two identities of one migration
+    /// complete a handshake; another migration's full credentials (its id and its secret)
+    /// are refused whichever end presents them (in TLS 1.3 the source sees the target's
+    /// certificate first, so it is usually the source that ends the handshake).
+    #[test]
+    fn only_one_migrations_own_identities_complete_a_handshake() {
+        let (ours, theirs) = ([1; 32], [2; 32]);
+        handshake(
+            source_config(&ours, "m1").unwrap(),
+            target_config(&ours, "m1").unwrap(),
+        )
+        .expect("the migration's own identities");
+        let e = handshake(
+            source_config(&theirs, "m2").unwrap(),
+            target_config(&ours, "m1").unwrap(),
+        )
+        .expect_err("another migration's source");
+        assert!(e.contains("invalid peer certificate"), "{e}");
+        let e = handshake(
+            source_config(&ours, "m1").unwrap(),
+            target_config(&theirs, "m2").unwrap(),
+        )
+        .expect_err("another migration's target");
+        assert!(e.contains("invalid peer certificate"), "{e}");
+        let e = handshake(
+            source_config(&ours, "m2").unwrap(),
+            target_config(&ours, "m1").unwrap(),
+        )
+        .expect_err("the same secret under another migration id");
+        assert!(e.contains("invalid peer certificate"), "{e}");
+    }
 }

@@ -1540,7 +1540,7 @@ fn strangers_refused(c: &Ctx<'_>) -> Result<String> {
         ensure!(status == 200, "{who}: /healthz answered {status}");
         seen.push(format!("{who} {want}"));
     }
-    let admin = SidecarClient::with_tls(&api, vm::admin_tls()?);
+    let admin = SidecarClient::with_tls(&api, vm::admin_tls(c.kube)?);
     let started = admin.list()?;
     ensure!(started.is_empty(), "a refused request started {started:?}");
     let guest = vm::guest_running(c.kube, &name)?;

@@ -121,13 +121,15 @@ pub fn node_of(pod: &Value) -> String {
 }
 
 /// The operator's credentials as an administrator gets them (`faultline-operator
-/// credentials`, which reads the CA from the cluster), fetched once per run.
-pub fn admin_tls() -> Result<ClientTls> {
+/// credentials`, which reads the CA from the cluster `kube` points at), fetched once per run.
+/// The kubeconfig is passed explicitly: a CI machine has no `KUBECONFIG` of its own.
+pub fn admin_tls(kube: &Kube) -> Result<ClientTls> {
     static TLS: OnceLock<Result<ClientTls, String>> = OnceLock::new();
     TLS.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("faultline-e2e-admin-{}", std::process::id()));
         let operator = faultline_local::binary("faultline-operator").map_err(|e| e.to_string())?;
         let out = std::process::Command::new(operator)
+            .env("KUBECONFIG", kube.kubeconfig())
             .args([
                 "credentials",
                 "-n",
@@ -153,14 +155,14 @@ pub fn admin_tls() -> Result<ClientTls> {
     .map_err(|e| anyhow::anyhow!(e))
 }
 
-fn sidecar(pod: &Value) -> Result<SidecarClient> {
+fn sidecar(kube: &Kube, pod: &Value) -> Result<SidecarClient> {
     let ip = s(pod, &["status", "podIP"]);
     ensure!(
         !ip.is_empty(),
         "pod {} has no IP",
         s(pod, &["metadata", "name"])
     );
-    Ok(SidecarClient::with_tls(&format!("{ip}:9180"), admin_tls()?))
+    Ok(SidecarClient::with_tls(&format!("{ip}:9180"), admin_tls(kube)?))
 }
 
 /// What a VM pod's sidecar says of its node and VM.
@@ -168,7 +170,7 @@ pub fn node_info(kube: &Kube, name: &str) -> Result<NodeInfo> {
     let pod = kube
         .get(Some(NAMESPACE), "pod", name)?
         .with_context(|| format!("pod {name} does not exist"))?;
-    Ok(sidecar(&pod)?.node()?)
+    Ok(sidecar(kube, &pod)?.node()?)
 }
 
 fn health(kube: &Kube, name: &str) -> Result<(VmState, GuestHealth)> {

@@ -162,7 +162,10 @@ fn sidecar(kube: &Kube, pod: &Value) -> Result<SidecarClient> {
         "pod {} has no IP",
         s(pod, &["metadata", "name"])
     );
-    Ok(SidecarClient::with_tls(&format!("{ip}:9180"), admin_tls(kube)?))
+    Ok(SidecarClient::with_tls(
+        &format!("{ip}:9180"),
+        admin_tls(kube)?,
+    ))
 }
 
 /// What a VM pod's sidecar says of its node and VM.

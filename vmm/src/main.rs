@@ -35,7 +35,7 @@ use crate::vm::{Vm, VmConfig};
 #[command(name = "faultline-vmm", version, about, long_about = None)]
 struct Cli {
     /// Number of vCPUs (1 to 64), one thread each.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=state::MAX_VCPUS as i64))]
     vcpus: u32,
     /// Guest RAM, 64M to 64G, a multiple of 2M (e.g. 512M, 4G).
     #[arg(long, default_value = "256M", value_parser = parse_ram)]

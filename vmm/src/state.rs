@@ -19,8 +19,10 @@ use crate::accounting::AccountingSnapshot;
 pub const MAGIC: &[u8; 8] = b"FLVMSTAT";
 pub const FORMAT: &str = "faultline-vmm-state";
 pub const VERSION: u32 = 1;
+/// The most vCPUs a VM of this VMM has (`--vcpus`), and so the most a blob may describe.
+pub const MAX_VCPUS: usize = 64;
 /// Upper bound on sections, so a hostile blob cannot make the decoder allocate without end.
-const MAX_SECTIONS: u32 = 64 * 16 + 16;
+const MAX_SECTIONS: u32 = MAX_VCPUS as u32 * 16 + 16;
 
 const TAG_META: u16 = 1;
 const TAG_REGS: u16 = 2;
@@ -274,10 +276,16 @@ impl VmState {
             let (bytes, tail) = rest.split_at(len);
             rest = tail;
             if tag == TAG_META {
-                meta = Some(
-                    serde_json::from_slice(bytes)
-                        .map_err(|e| bad(format!("metadata section: {e}")))?,
-                );
+                let m: Meta = serde_json::from_slice(bytes)
+                    .map_err(|e| bad(format!("metadata section: {e}")))?;
+                // The count sizes an allocation below: a peer's number is checked first.
+                if m.vcpus == 0 || m.vcpus > MAX_VCPUS {
+                    return Err(bad(format!(
+                        "metadata names {} vCPUs (1 to {MAX_VCPUS})",
+                        m.vcpus
+                    )));
+                }
+                meta = Some(m);
                 continue;
             }
             let vcpus = meta
@@ -465,6 +473,25 @@ mod tests {
         let mut v = blob.clone();
         v.push(0);
         assert!(VmState::decode(&v).is_err());
+    }
+
+    /// Found by the `state_blobs` fuzz target: a metadata section naming 2^60 vCPUs made
+    /// the decoder size a vector by it (capacity overflow, a panic in the target VMM).
+    #[test]
+    fn a_vcpu_count_beyond_the_maximum_is_refused_before_anything_is_allocated() {
+        for vcpus in [0, MAX_VCPUS + 1, 1 << 60] {
+            let mut s = sample(1);
+            s.meta.vcpus = vcpus;
+            let blob = s.encode();
+            match VmState::decode(&blob) {
+                Err(StateError::Malformed(why)) => assert!(why.contains("vCPUs"), "{why}"),
+                Err(other) => panic!("{vcpus} vCPUs: {other}"),
+                Ok(_) => panic!("{vcpus} vCPUs accepted"),
+            }
+        }
+        let mut s = sample(2);
+        s.meta.vcpus = MAX_VCPUS;
+        assert!(VmState::decode(&s.encode()).is_err(), "vCPU sections missing");
     }
 
     proptest! {

@@ -491,7 +491,10 @@ mod tests {
         }
         let mut s = sample(2);
         s.meta.vcpus = MAX_VCPUS;
-        assert!(VmState::decode(&s.encode()).is_err(), "vCPU sections missing");
+        assert!(
+            VmState::decode(&s.encode()).is_err(),
+            "vCPU sections missing"
+        );
     }
 
     proptest! {

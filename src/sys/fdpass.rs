@@ -67,20 +67,26 @@ pub fn recv_with_fds(
     Ok(msg.bytes)
 }
 
-/// Sends all of `data`, attaching `fds` to the first byte.
+/// Sends all of `data`, attaching `fds` to the first byte. A call a signal interrupts is
+/// repeated, as `write_all` does: an interrupted `sendmsg` sent nothing, descriptors included.
 pub fn send_all_with_fds(
     socket: impl AsFd,
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> std::io::Result<()> {
     let socket = socket.as_fd();
-    let mut sent = send_with_fds(socket, data, fds)?;
+    let mut sent = 0;
+    let mut fds = fds;
     while sent < data.len() {
-        let n = send_with_fds(socket, &data[sent..], &[])?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+        match send_with_fds(socket, &data[sent..], fds) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                sent += n;
+                fds = &[];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        sent += n;
     }
     Ok(())
 }
@@ -90,6 +96,42 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
+
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    /// Found by the `vmm_messages` fuzz target, whose timer signal interrupted a send: a
+    /// signal without `SA_RESTART` arriving while `sendmsg` waits for buffer space made the
+    /// whole send fail with EINTR (a VMM protocol frame lost for nothing).
+    #[test]
+    fn a_send_interrupted_by_a_signal_goes_on() {
+        // SAFETY: installs a handler that does nothing for SIGUSR2, which nothing else in the
+        // test process uses; the sigaction struct is fully initialised (zeroed, then set).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = 0; // no SA_RESTART: the blocked sendmsg returns EINTR
+            assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+        }
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let data = vec![7u8; 4 << 20]; // far more than a socket buffer holds
+        // SAFETY: pthread_self has no preconditions.
+        let sender_thread = unsafe { libc::pthread_self() };
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            for _ in 0..3 {
+                // SAFETY: the sending thread is alive until this thread is joined, and the
+                // handler for SIGUSR2 is installed above.
+                unsafe { libc::pthread_kill(sender_thread, libc::SIGUSR2) };
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        send_all_with_fds(&a, &data, &[]).expect("a signal does not end the send");
+        drop(a);
+        assert_eq!(reader.join().unwrap(), data);
+    }
 
     #[test]
     fn fds_cross_a_socket() {

@@ -118,6 +118,9 @@ fuzz_target!(|input: Input| {
     check_request(input.request.bytes());
 
     let (client_end, vmm_end) = UnixStream::pair().expect("socket pair");
+    // Nobody reads while the fake VMM writes: a socket buffer that fills (many small messages
+    // carrying descriptors fill it long before 64 KiB) must end the replies, not block.
+    vmm_end.set_nonblocking(true).expect("nonblocking");
     let mut budget = 64usize << 10;
     for (n, reply) in input.replies.iter().enumerate() {
         let json = reply.json.bytes();
@@ -138,7 +141,10 @@ fuzz_target!(|input: Input| {
         frame.extend_from_slice(json);
         frame.extend_from_slice(&reply.blob);
         let fds = vec![memfd().as_fd(); usize::from(reply.fds % 4)];
-        fdpass::send_all_with_fds(&vmm_end, &frame, &fds).expect("send");
+        if fdpass::send_all_with_fds(&vmm_end, &frame, &fds).is_err() {
+            // Full: the client reads what fitted, perhaps a frame cut short.
+            break;
+        }
     }
     // The fake VMM has said everything; it still takes the client's requests unread.
     vmm_end

@@ -99,9 +99,10 @@ mod tests {
 
     extern "C" fn ignore(_: libc::c_int) {}
 
-    /// Found by the `vmm_messages` fuzz target, whose timer signal interrupted a send: a
-    /// signal without `SA_RESTART` arriving while `sendmsg` waits for buffer space made the
-    /// whole send fail with EINTR (a VMM protocol frame lost for nothing).
+    /// Surfaced by the `vmm_messages` fuzz target: its fake VMM blocked in a send (a harness
+    /// bug, since fixed) and libFuzzer's timer signal, which has no `SA_RESTART`, interrupted
+    /// it; the whole send failed with EINTR instead of going on, as `write_all` would. Any
+    /// such signal while a frame waits for buffer space lost the frame for nothing.
     #[test]
     fn a_send_interrupted_by_a_signal_goes_on() {
         // SAFETY: installs a handler that does nothing for SIGUSR2, which nothing else in the

@@ -635,16 +635,29 @@ async fn pre_copy_migration_keeps_the_source_pod_when_asked() {
         st.mode,
         Some(faultline_operator::crd::MigrationMode::PreCopy)
     );
+    // Phases are what the operator saw on its polls (every 100 ms here): a small guest's
+    // whole pre-copy can fall between two of them (seen once in CI), so PreCopy may be missing;
+    // nothing else may be, and nothing may come out of order.
+    let seen = transitions(&c, "move");
+    let without_precopy: Vec<Phase> = seen
+        .iter()
+        .copied()
+        .filter(|p| *p != Phase::PreCopy)
+        .collect();
     assert_eq!(
-        transitions(&c, "move"),
+        without_precopy,
         [
             Phase::Pending,
             Phase::Scheduling,
             Phase::Connecting,
-            Phase::PreCopy,
             Phase::SwitchOver,
             Phase::Succeeded
-        ]
+        ],
+        "{seen:?}"
+    );
+    assert!(
+        seen.len() == 5 || seen.get(3) == Some(&Phase::PreCopy) && seen.len() == 6,
+        "PreCopy, when seen, comes between Connecting and SwitchOver: {seen:?}"
     );
     assert!(
         c.get("pods", "vm-1").is_some(),

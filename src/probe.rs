@@ -234,7 +234,37 @@ fn probe_userfaultfd(backing: BackingKind) -> Result<String, String> {
         }
     }
     let reason = reasons.join("; ");
+    if backing == BackingKind::GuestMemfd && any {
+        // A kernel that lets guest_memfd mappings register (Faultline's, minor mode) still
+        // resolves vCPU faults on guest_memfd memory from the file, never through a host
+        // mapping: userfaultfd there traps only KVM's and the VMM's own accesses, and serves
+        // beside KVM Userfault, not as a post-copy mechanism of its own.
+        return Err(format!(
+            "{reason}, but vCPU faults on guest_memfd memory do not go through a host mapping, so \
+             userfaultfd alone cannot trap them (it traps KVM's own accesses, beside KVM Userfault)"
+        ));
+    }
     if any { Ok(reason) } else { Err(reason) }
+}
+
+/// Whether userfaultfd minor mode can register a guest_memfd mapping here: the half of the
+/// guest_memfd post-copy trap that catches KVM's and the VMM's own accesses to guest memory
+/// (through the memslot's host address), which KVM Userfault does not see. `Err` says what the
+/// kernel answered.
+pub fn probe_guest_memfd_minor() -> Result<String, String> {
+    let mem = probe_memory(BackingKind::GuestMemfd, None)?;
+    let start = mem.mapping.as_ptr() as u64;
+    let what = "UFFDIO_REGISTER(guest-memfd mapping, MINOR)";
+    let uffd = Userfaultfd::new(FEATURE_MINOR_SHMEM).map_err(|e| {
+        format!(
+            "userfaultfd for MINOR (features {FEATURE_MINOR_SHMEM:#x}): {}",
+            uffd_create_failure(&e)
+        )
+    })?;
+    match uffd.register(start, PROBE_BYTES, MODE_MINOR) {
+        Ok(_) => Ok(format!("{what} = 0")),
+        Err(e) => Err(format!("{what} = {}", uffd_errno(&e))),
+    }
 }
 
 fn uffd_errno(e: &UffdError) -> String {

@@ -228,7 +228,7 @@ impl TinyVm {
         vcpu.set_regs(&regs)?;
         let t = Instant::now();
         loop {
-            match vcpu.run().context("KVM_RUN")? {
+            match faultline::trap::kvm_userfault::run_vcpu(&mut vcpu).context("KVM_RUN")? {
                 VcpuExit::Hlt => return Ok(t.elapsed()),
                 VcpuExit::IoOut(..) => {}
                 other => bail!("unexpected exit {other:?}"),

@@ -116,6 +116,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The demand-paging benchmark on this machine: vCPUs reading their own pages of memory
+    /// that is not there yet, each first access resolved by the trap; pages per second.
+    DemandPaging {
+        /// vCPUs, each with its own pages.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u64,
+        /// Pages per vCPU (at most 1023).
+        #[arg(long, default_value_t = 1023)]
+        pages_per_vcpu: u64,
+        /// Only this trap (repeatable; default: all three).
+        #[arg(long = "trap", value_enum)]
+        traps: Vec<guest::demand_paging::Trap>,
+        /// Runs per trap; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the kernels and the guest tests.
     List {
         #[arg(long, default_value = ".")]
@@ -194,6 +213,55 @@ fn run(cli: Cli) -> Result<i32> {
                 None => guest::run(&plan, &mut std::io::stdout().lock())?,
             };
             Ok(if ok { 0 } else { 1 })
+        }
+        Cmd::DemandPaging {
+            vcpus,
+            pages_per_vcpu,
+            traps,
+            runs,
+            json,
+        } => {
+            use guest::demand_paging::{Trap, measure};
+            let traps = if traps.is_empty() {
+                Trap::ALL.to_vec()
+            } else {
+                traps
+            };
+            let mut results = Vec::new();
+            for trap in traps {
+                let mut all = Vec::new();
+                for _ in 0..runs.max(1) {
+                    all.push(measure(trap, vcpus, pages_per_vcpu)?);
+                }
+                // The median by rate; an unavailable trap is unavailable in every run.
+                all.sort_by(|a, b| {
+                    a.pages_per_second
+                        .partial_cmp(&b.pages_per_second)
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                });
+                let median = all.swap_remove(all.len() / 2);
+                if !json {
+                    println!("{median}");
+                }
+                results.push(median);
+            }
+            if json {
+                let release = rustix::system::uname()
+                    .release()
+                    .to_string_lossy()
+                    .into_owned();
+                let doc = serde_json::json!({
+                    "benchmark": "demand-paging",
+                    "kernel": release,
+                    "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                    "runs": runs.max(1),
+                    "results": results,
+                });
+                serde_json::to_writer_pretty(std::io::stdout().lock(), &doc)
+                    .context("writing JSON")?;
+                println!();
+            }
+            Ok(0)
         }
         Cmd::Image {
             reference,

@@ -57,6 +57,21 @@ pub struct Fact {
     pub reason: String,
 }
 
+impl Fact {
+    /// A fact found by trying: `Ok` holds what worked, `Err` what the kernel answered.
+    pub fn from_result(name: &str, r: Result<String, String>) -> Self {
+        let (available, reason) = match r {
+            Ok(reason) => (true, reason),
+            Err(reason) => (false, reason),
+        };
+        Self {
+            name: name.into(),
+            available,
+            reason,
+        }
+    }
+}
+
 /// One line the guest writes on its result port.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]

@@ -43,7 +43,7 @@ enum Call {
     DirtyLogCollect,
     UserfaultfdRegister(bool),
     UserfaultfdDisarm,
-    KvmUserfaultArm,
+    KvmUserfaultArm(bool),
     KvmUserfaultDisarm,
     NextEvent,
     Discard(u16),
@@ -196,7 +196,7 @@ fuzz_target!(|input: Input| {
                 usable(&client.userfaultfd_register(mode))
             }
             Call::UserfaultfdDisarm => usable(&client.userfaultfd_disarm()),
-            Call::KvmUserfaultArm => usable(&client.kvm_userfault_arm()),
+            Call::KvmUserfaultArm(host) => usable(&client.kvm_userfault_arm(*host)),
             Call::KvmUserfaultDisarm => usable(&client.kvm_userfault_disarm()),
             Call::NextEvent => usable(&client.next_event()),
             Call::Discard(pages) => {

@@ -191,7 +191,7 @@ mod tests {
     fn the_vm_must_fit_the_role() {
         let hello = |incoming: bool, state: VmState| -> HelloReply {
             serde_json::from_value(serde_json::json!({
-                "protocol": 1, "vmm": "v", "vm_id": "vm", "vcpus": 1, "incoming": incoming,
+                "protocol": 2, "vmm": "v", "vm_id": "vm", "vcpus": 1, "incoming": incoming,
                 "state": state,
                 "layout": {"regions": [{"guest_phys_addr": 0, "size": 4096, "backing": "memfd",
                     "fd": 0, "file_offset": 0, "page_size": 4096, "host_addr": 4096}]},

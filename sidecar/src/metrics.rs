@@ -59,6 +59,8 @@ pub struct Metrics {
     pub faults: Counter,
     pub fault_latency: Histogram,
     pub downtime: Gauge<f64, AtomicU64>,
+    /// How long the oldest fault still unanswered has waited (0 when none waits).
+    pub oldest_fault_wait: Gauge<f64, AtomicU64>,
     /// Control requests refused for want of the operator's certificate.
     pub refused_requests: Counter,
 }
@@ -79,6 +81,7 @@ impl Metrics {
         // 10 µs .. ~10 s.
         let fault_latency = Histogram::new(exponential_buckets(10e-6, 2.0, 21));
         let downtime = Gauge::<f64, AtomicU64>::default();
+        let oldest_fault_wait = Gauge::<f64, AtomicU64>::default();
         let refused_requests = Counter::default();
         registry.register(
             "refused_requests",
@@ -141,6 +144,11 @@ impl Metrics {
             "Downtime of the last switch-over",
             downtime.clone(),
         );
+        registry.register(
+            "oldest_fault_wait_seconds",
+            "Age of the oldest post-copy fault not yet answered; 0 when none waits. A vCPU (or KVM) waits on it: alert when it grows",
+            oldest_fault_wait.clone(),
+        );
         Self {
             registry,
             vmm_connected,
@@ -155,6 +163,7 @@ impl Metrics {
             faults,
             fault_latency,
             downtime,
+            oldest_fault_wait,
             refused_requests,
         }
     }

@@ -12,6 +12,10 @@
 //! Under KVM Userfault (guest_memfd memory, which userfaultfd cannot trap) a page faults while
 //! its bit in the shared userfault bitmap is set, whatever memory holds: installing is writing
 //! the page and then clearing its bit, and switch-over only sets the bits of the invalid pages.
+//! That traps vCPU accesses only. Where the VMM registered its RAM mapping with userfaultfd in
+//! minor mode as well (the host half), KVM's and the VMM's own accesses through that mapping
+//! stop in a minor fault until the page is valid and mapped there with `UFFDIO_CONTINUE`; the
+//! mapping starts with no page mapped, so no stale pre-copied contents can be read.
 //!
 //! Missing mode is used for shared memory too, not minor mode: on our development machines
 //! every page-table update is expensive (UFFDIO_CONTINUE measured at ~10 µs per page), and
@@ -144,6 +148,11 @@ impl Installer {
         }
     }
 
+    /// The userfaultfd that reports KVM's and the VMM's own accesses under KVM Userfault.
+    pub fn host_uffd(&self) -> Option<&Userfaultfd> {
+        self.trap.as_ref().and_then(Armed::host_uffd)
+    }
+
     /// Writes a pre-copy batch (before switch-over; one thread). Consecutive pages with data
     /// that take the same path are written with one call.
     pub fn precopy_batch(&self, batch: &PagesBatch<'_>) -> Result<(), InstallError> {
@@ -215,7 +224,7 @@ impl Installer {
         if self.trap.is_none() && !invalid.is_empty() {
             return Err(InstallError::InvalidWithoutTrap(invalid.count()));
         }
-        if let Some(Armed::KvmUserfault(bitmap)) = &self.trap {
+        if let Some(Armed::KvmUserfault { bitmap, .. }) = &self.trap {
             // Under KVM Userfault a page faults while marked, whatever memory holds: mark
             // exactly the invalid pages, and nothing needs punching or discarding.
             self.finish_preallocation()?;
@@ -353,13 +362,16 @@ mod tests {
     /// clears its mark, and happens once however many channels deliver it.
     #[test]
     fn kvm_userfault_marks_the_invalid_pages_and_installs_each_once() {
-        let trap = Armed::KvmUserfault(UserfaultBitmap::all_marked(PAGES));
+        let trap = Armed::KvmUserfault {
+            bitmap: UserfaultBitmap::all_marked(PAGES),
+            host: None,
+        };
         let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), Some(trap));
         assert_eq!(i.trap(), Some(Backend::KvmUserfault));
         precopy(&i, &[(1, 0x11), (4, 0x44)], &[]);
         let discard = i.switch_over(&bitmap(&[4, 7])).unwrap();
         assert!(discard.is_empty(), "nothing for the VMM to drop");
-        let Some(Armed::KvmUserfault(marks)) = &i.trap else {
+        let Some(Armed::KvmUserfault { bitmap: marks, .. }) = &i.trap else {
             unreachable!()
         };
         assert_eq!(marks.count_marked(), 2);
@@ -387,7 +399,10 @@ mod tests {
     /// A vCPU that faulted while the page was on its way is reported as having waited.
     #[test]
     fn an_install_reports_a_waiting_fault() {
-        let trap = Armed::KvmUserfault(UserfaultBitmap::all_marked(PAGES));
+        let trap = Armed::KvmUserfault {
+            bitmap: UserfaultBitmap::all_marked(PAGES),
+            host: None,
+        };
         let i = Installer::new(GuestMemory::memfd(PAGES).unwrap(), Some(trap));
         i.switch_over(&PageBitmap::full(PAGES)).unwrap();
         assert_eq!(i.states().fault(3), crate::postcopy::FaultOutcome::Fetch);

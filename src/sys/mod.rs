@@ -3,6 +3,7 @@
 //! module like it, with the reason it holds written beside it.
 
 pub mod fdpass;
+pub mod futex;
 pub mod mmap;
 pub mod sched;
 pub mod uffd;

@@ -57,9 +57,11 @@ pub fn is_userfault_exit(flags: u64) -> bool {
 /// The words are atomics so that a fault handler can clear bits while vCPU threads run and
 /// KVM reads the words concurrently. A bitmap is either private to one process, or **shared**:
 /// kept in a memfd that the VMM (whose vCPUs KVM checks against it) and the sidecar (which
-/// installs pages and clears their bits) both map. A shared bitmap also carries a wake word: a
-/// vCPU waiting for a page sleeps on it (a futex, which works across processes on shared
-/// memory) and the installer bumps it after clearing bits.
+/// installs pages and clears their bits) both map. A vCPU waiting for a page of a shared bitmap
+/// sleeps on the bitmap word itself (a futex on the half-word holding the page's bit, which
+/// works across processes on shared memory); the installer wakes that half-word after clearing
+/// the bit, so an install wakes only the vCPUs waiting on one of its 32 pages. A sleeper count
+/// in the header spares the installer the system call when nobody sleeps.
 #[derive(Debug)]
 pub struct UserfaultBitmap {
     words: Words,
@@ -76,10 +78,9 @@ enum Words {
     },
 }
 
-/// Layout of a shared bitmap's memfd: a 64-byte header (u32 wake counter at 0, u32 count of
+/// Layout of a shared bitmap's memfd: a 64-byte header (u32 at 0 reserved, u32 count of
 /// sleeping vCPUs at 4), then the bitmap words.
 pub const SHARED_HEADER: usize = 64;
-const WAKE_COUNTER: usize = 0;
 const SLEEPERS: usize = 4;
 
 /// A shared bitmap that does not fit its memfd.
@@ -266,50 +267,72 @@ impl UserfaultBitmap {
         self.words().as_ptr() as u64
     }
 
-    /// Shared bitmaps: sleeps until `page` is cleared, or `timeout` passes (true when
-    /// cleared). The eventcount pattern: read the wake counter, re-check the bit, sleep only if
-    /// the counter has not moved, so a clear between the check and the sleep is never missed.
+    /// Shared bitmaps: sleeps until `page` is cleared, or `timeout` passes, or a signal
+    /// arrives (true when cleared). The vCPU sleeps on the 32-bit half of the bitmap word that
+    /// holds the page's bit, expecting the value it just read, so only clears in those 32 pages
+    /// wake it, and a clear between the check and the sleep makes the sleep return at once.
     pub fn wait_cleared(&self, page: u64, timeout: std::time::Duration) -> bool {
-        let (Some(counter), Some(sleepers)) =
-            (self.header_word(WAKE_COUNTER), self.header_word(SLEEPERS))
-        else {
+        use crate::sys::futex;
+        let Some(sleepers) = self.header_word(SLEEPERS) else {
             return !self.is_marked(page);
         };
-        let seen = counter.load(Ordering::SeqCst);
-        if !self.is_marked(page) {
-            return true;
-        }
+        let (w, bit) = self.locate(page);
+        let word = &self.words()[w];
+        let half = futex::Half::of_bit((page % 64) as u32);
+        // Announce the sleep before the last look at the word: a clear that comes later sees
+        // the sleeper and wakes the word (the installer clears, then reads the count).
         sleepers.fetch_add(1, Ordering::SeqCst);
-        let ts = rustix::time::Timespec {
-            tv_sec: timeout.as_secs() as i64,
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        // Not PRIVATE: the waker is another process sharing the memfd.
-        let _ = rustix::thread::futex::wait(
-            counter,
-            rustix::thread::futex::Flags::empty(),
-            seen,
-            Some(&ts),
-        );
+        let seen = word.load(Ordering::SeqCst);
+        if seen & bit != 0 {
+            // Errors (none expected on our own mapping) end in the caller's re-check.
+            let _ = futex::wait(word, half, half.value(seen), timeout);
+        }
         sleepers.fetch_sub(1, Ordering::SeqCst);
         !self.is_marked(page)
     }
 
-    /// Shared bitmaps: wakes every vCPU sleeping in [`UserfaultBitmap::wait_cleared`], after
-    /// bits were cleared. Costs a system call only when someone sleeps.
-    pub fn wake(&self) {
-        let (Some(counter), Some(sleepers)) =
-            (self.header_word(WAKE_COUNTER), self.header_word(SLEEPERS))
-        else {
+    /// Shared bitmaps: wakes the vCPUs sleeping in [`UserfaultBitmap::wait_cleared`] on
+    /// `page`'s half-word, after its bit was cleared. Costs a system call only when some vCPU
+    /// sleeps; vCPUs waiting on other pages' words stay asleep.
+    pub fn wake_page(&self, page: u64) {
+        let Some(sleepers) = self.header_word(SLEEPERS) else {
             return;
         };
-        counter.fetch_add(1, Ordering::SeqCst);
+        // Orders the caller's clear before the read of the count (the waiter's side: count
+        // first, then the word).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if sleepers.load(Ordering::SeqCst) > 0 {
-            let _ = rustix::thread::futex::wake(
-                counter,
-                rustix::thread::futex::Flags::empty(),
-                u32::MAX,
-            );
+            let (w, _) = self.locate(page);
+            let half = crate::sys::futex::Half::of_bit((page % 64) as u32);
+            let _ = crate::sys::futex::wake_all(&self.words()[w], half);
+        }
+    }
+
+    /// Shared bitmaps: how many vCPUs sleep in [`UserfaultBitmap::wait_cleared`] right now.
+    pub fn sleepers(&self) -> u32 {
+        self.header_word(SLEEPERS)
+            .map_or(0, |s| s.load(Ordering::SeqCst))
+    }
+
+    /// Shared bitmaps: wakes every sleeping vCPU, whatever page it waits for (when the trap
+    /// is taken down and waiters must re-enter KVM_RUN). One wake per half-word that still
+    /// has a page marked, since only those can have sleepers.
+    pub fn wake_all(&self) {
+        let Some(sleepers) = self.header_word(SLEEPERS) else {
+            return;
+        };
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if sleepers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        use crate::sys::futex::{Half, wake_all};
+        for w in self.words() {
+            let bits = w.load(Ordering::SeqCst);
+            for half in [Half::Low, Half::High] {
+                if half.value(bits) != 0 {
+                    let _ = wake_all(w, half);
+                }
+            }
         }
     }
 }
@@ -326,7 +349,7 @@ pub fn install(
     const ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
     mem.write(page, data.unwrap_or(&ZEROS))?;
     bitmap.clear(page);
-    bitmap.wake();
+    bitmap.wake_page(page);
     Ok(())
 }
 
@@ -418,6 +441,20 @@ mod memslot {
 #[cfg(feature = "kvm")]
 pub use memslot::flag_names;
 
+/// `KVM_RUN` on `vcpu`, with `kvm_run.exit_reason` reset first. KVM writes the exit reason only
+/// for the exits it reports, and a memory-fault exit comes back as `-1/EFAULT` with
+/// `exit_reason = KVM_EXIT_MEMORY_FAULT`; kvm-ioctls reads any EFAULT whose exit reason says so as
+/// a memory fault. Without the reset, a bare EFAULT after an earlier userfault exit (an
+/// unreadable bitmap, a bad host mapping) would look like a new userfault and the vCPU would wait
+/// for a page instead of failing. Every KVM_RUN of the VMM and the tests goes through here.
+#[cfg(feature = "kvm")]
+pub fn run_vcpu(
+    vcpu: &mut kvm_ioctls::VcpuFd,
+) -> Result<kvm_ioctls::VcpuExit<'_>, kvm_ioctls::Error> {
+    vcpu.get_kvm_run().exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
+    vcpu.run()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,7 +495,7 @@ mod tests {
         };
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(sidecar.clear(77));
-        sidecar.wake();
+        sidecar.wake_page(77);
         let (cleared, waited) = waiter.join().unwrap();
         assert!(cleared);
         assert!(
@@ -473,6 +510,54 @@ mod tests {
         assert!(vmm.is_marked(3));
         let short = rustix::fs::memfd_create("x", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         assert!(UserfaultBitmap::open_shared(short, 100).is_err());
+    }
+
+    #[test]
+    fn a_wake_reaches_only_the_vcpus_waiting_on_that_half_word() {
+        let vmm = std::sync::Arc::new(UserfaultBitmap::create_shared(256).unwrap());
+        let fd = vmm.shared_fd().unwrap().try_clone_to_owned().unwrap();
+        let sidecar = UserfaultBitmap::open_shared(fd, 256).unwrap();
+        // One sleep, no retry: a wake that is not for page 77 would end it with `false`.
+        let waiter = {
+            let vmm = vmm.clone();
+            std::thread::spawn(move || vmm.wait_cleared(77, std::time::Duration::from_secs(20)))
+        };
+        while sidecar.sleepers() == 0 {
+            std::thread::yield_now();
+        }
+        // Page 10 is in another word, page 100 in the other half of page 77's word.
+        for other in [10, 100] {
+            assert!(sidecar.clear(other));
+            sidecar.wake_page(other);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "woken by another word's install");
+        assert!(sidecar.clear(77));
+        sidecar.wake_page(77);
+        assert!(waiter.join().unwrap(), "woken without page 77 cleared");
+        // Cleared before the wait: no sleep at all.
+        assert!(vmm.wait_cleared(77, std::time::Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn wake_all_releases_a_waiter_whose_page_stays_marked() {
+        let vmm = std::sync::Arc::new(UserfaultBitmap::create_shared(256).unwrap());
+        let fd = vmm.shared_fd().unwrap().try_clone_to_owned().unwrap();
+        let sidecar = UserfaultBitmap::open_shared(fd, 256).unwrap();
+        let waiter = {
+            let vmm = vmm.clone();
+            std::thread::spawn(move || vmm.wait_cleared(200, std::time::Duration::from_secs(60)))
+        };
+        // A wake can land between the sleeper's announcement and its sleep (the bit did not
+        // change, so nothing tells the sleep to skip): callers re-check in slices, and here the
+        // wake is repeated. Without a working wake_all the waiter would sleep for a minute.
+        let t = std::time::Instant::now();
+        while !waiter.is_finished() && t.elapsed() < std::time::Duration::from_secs(10) {
+            sidecar.wake_all();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(waiter.is_finished(), "still asleep after 10 s of wake_all");
+        assert!(!waiter.join().unwrap());
     }
 
     #[test]

@@ -233,8 +233,14 @@ pub fn choose(
 pub enum Armed {
     /// A userfaultfd with the VMM's RAM registered in missing mode.
     Userfaultfd(Userfaultfd),
-    /// The VMM's KVM Userfault bitmap, shared with it (every page marked when armed).
-    KvmUserfault(UserfaultBitmap),
+    /// The VMM's KVM Userfault bitmap, shared with it (every page marked when armed), and,
+    /// when the VMM could register it, the userfaultfd its RAM mapping is registered with in
+    /// minor mode: that half traps KVM's and the VMM's own accesses through the mapping,
+    /// which the bitmap does not see.
+    KvmUserfault {
+        bitmap: UserfaultBitmap,
+        host: Option<Userfaultfd>,
+    },
 }
 
 /// A backend refused to install a page or wake its waiters.
@@ -250,7 +256,7 @@ impl Armed {
     pub fn backend(&self) -> Backend {
         match self {
             Self::Userfaultfd(_) => Backend::Userfaultfd,
-            Self::KvmUserfault(_) => Backend::KvmUserfault,
+            Self::KvmUserfault { .. } => Backend::KvmUserfault,
         }
     }
 
@@ -264,19 +270,33 @@ impl Armed {
     ) -> Result<(), TrapError> {
         match self {
             Self::Userfaultfd(uffd) => userfaultfd::install(uffd, mem, page, data),
-            Self::KvmUserfault(bitmap) => kvm_userfault::install(bitmap, mem, page, data),
+            Self::KvmUserfault { bitmap, .. } => kvm_userfault::install(bitmap, mem, page, data),
         }
     }
 
-    /// Wakes vCPUs waiting on `page`, which became valid without a waking install (a fault
-    /// read while someone else installed it).
+    /// Wakes whoever waits on `page`, which is valid: a fault read while someone else
+    /// installed it, or a page installed while its fault was being read. Under KVM Userfault
+    /// with the host half, the page is also mapped into the VMM with `UFFDIO_CONTINUE`, which
+    /// wakes a KVM or VMM access stopped in a minor fault on it (an install alone does not:
+    /// it writes through the sidecar's own mapping).
     pub fn wake(&self, mem: &GuestMemory, page: u64) -> Result<(), TrapError> {
         match self {
             Self::Userfaultfd(uffd) => userfaultfd::wake(uffd, mem, page),
-            Self::KvmUserfault(bitmap) => {
-                bitmap.wake();
+            Self::KvmUserfault { bitmap, host } => {
+                bitmap.wake_page(page);
+                if let Some(uffd) = host {
+                    userfaultfd::map_valid(uffd, mem, page)?;
+                }
                 Ok(())
             }
+        }
+    }
+
+    /// The userfaultfd that reports KVM's and the VMM's own accesses under KVM Userfault.
+    pub fn host_uffd(&self) -> Option<&Userfaultfd> {
+        match self {
+            Self::KvmUserfault { host, .. } => host.as_ref(),
+            Self::Userfaultfd(_) => None,
         }
     }
 }

@@ -40,6 +40,15 @@ pub fn install(
     }
 }
 
+/// Maps valid `page` into the registering process with `UFFDIO_CONTINUE` (minor mode), which
+/// also wakes whoever waits on it. Already mapped (`EEXIST`) is fine: someone mapped it first.
+pub fn map_valid(uffd: &Userfaultfd, mem: &GuestMemory, page: u64) -> Result<(), TrapError> {
+    match uffd.continue_range(mem.host_addr(page)?, PAGE_SIZE) {
+        Err(e) if e.errno() == Some(rustix::io::Errno::EXIST) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 /// Wakes the threads waiting on `page`.
 pub fn wake(uffd: &Userfaultfd, mem: &GuestMemory, page: u64) -> Result<(), TrapError> {
     uffd.wake(mem.host_addr(page)?, PAGE_SIZE)?;

@@ -214,18 +214,34 @@ impl VmmClient {
         Ok((reply, frame.fds.remove(0)))
     }
 
-    /// Arms KVM Userfault; returns the shared bitmap's memfd. This connection then carries
-    /// only events: read them with [`VmmClient::next_event`].
-    pub fn kvm_userfault_arm(&mut self) -> Result<(KvmUserfaultArmReply, OwnedFd), ClientError> {
-        let (reply, mut frame): (KvmUserfaultArmReply, _) =
-            self.call_json(&Request::KvmUserfaultArm, &[])?;
-        if frame.fds.len() != 1 {
+    /// Arms KVM Userfault; returns the shared bitmap's memfd, and with `host_accesses` the
+    /// userfaultfd the host mapping is registered with in minor mode (if the VMM could). This
+    /// connection then carries only events: read them with [`VmmClient::next_event`].
+    pub fn kvm_userfault_arm(
+        &mut self,
+        host_accesses: bool,
+    ) -> Result<(KvmUserfaultArmReply, OwnedFd, Option<OwnedFd>), ClientError> {
+        let (reply, frame): (KvmUserfaultArmReply, _) =
+            self.call_json(&Request::KvmUserfaultArm { host_accesses }, &[])?;
+        let want = 1 + usize::from(reply.host_accesses);
+        if frame.fds.len() != want || (reply.host_accesses && !host_accesses) {
             return Err(ClientError::BadReply {
                 op: "kvm_userfault_arm",
-                what: format!("expected 1 descriptor, got {}", frame.fds.len()),
+                what: format!(
+                    "expected {want} descriptor(s), got {} (host accesses asked: {host_accesses}, granted: {})",
+                    frame.fds.len(),
+                    reply.host_accesses
+                ),
             });
         }
-        Ok((reply, frame.fds.remove(0)))
+        let mut fds = frame.fds.into_iter();
+        match (fds.next(), fds.next()) {
+            (Some(bitmap), uffd) => Ok((reply, bitmap, uffd)),
+            (None, _) => Err(ClientError::BadReply {
+                op: "kvm_userfault_arm",
+                what: "no descriptor".into(),
+            }),
+        }
     }
 
     pub fn kvm_userfault_disarm(&mut self) -> Result<VmState, ClientError> {

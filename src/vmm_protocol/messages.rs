@@ -46,7 +46,14 @@ pub enum Request {
     /// Incoming mode, before the first resume: arm KVM Userfault on all RAM with every page
     /// marked. The reply carries the shared bitmap's memfd; from then on the VMM reads nothing
     /// more from this connection and sends userfault events on it.
-    KvmUserfaultArm,
+    KvmUserfaultArm {
+        /// Also trap KVM's and the VMM's own accesses to RAM through its host mapping, which
+        /// KVM Userfault does not see: the mapping is registered with a userfaultfd in minor
+        /// mode, its page-table entries dropped, and the userfaultfd handed over beside the
+        /// bitmap. Shared memory (memfd, guest_memfd) only.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        host_accesses: bool,
+    },
     /// Turn KVM Userfault off (every page is valid).
     KvmUserfaultDisarm,
     /// Ends the VMM process after replying.
@@ -89,7 +96,7 @@ impl Request {
             Self::UserfaultfdRegister { .. } => "userfaultfd_register",
             Self::UserfaultfdDisarm => "userfaultfd_disarm",
             Self::Discard => "discard",
-            Self::KvmUserfaultArm => "kvm_userfault_arm",
+            Self::KvmUserfaultArm { .. } => "kvm_userfault_arm",
             Self::KvmUserfaultDisarm => "kvm_userfault_disarm",
             Self::Shutdown => "shutdown",
         }
@@ -148,6 +155,10 @@ pub struct UffdRegisterReply {
 pub struct KvmUserfaultArmReply {
     pub pages: u64,
     pub header_bytes: u64,
+    /// Whether the host mapping is registered with a userfaultfd in minor mode, which is then
+    /// descriptor 1 (`host_accesses` was asked for and the kernel allowed it).
+    #[serde(default)]
+    pub host_accesses: bool,
 }
 
 /// Unsolicited messages from the VMM (frame kind 4).
@@ -400,6 +411,19 @@ pub struct VcpuStatus {
     /// Why the vCPU stopped, when `state` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The page this vCPU waits for under KVM Userfault, if it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<PageWait>,
+}
+
+/// A vCPU waiting for a page that has not arrived (KVM Userfault).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PageWait {
+    pub page: u64,
+    pub gpa: u64,
+    /// How long it has waited so far.
+    pub waited_ms: u64,
 }
 
 /// Reply to `status`, and the VMM's final report.
@@ -473,11 +497,23 @@ mod tests {
             },
             Request::UserfaultfdDisarm,
             Request::Discard,
-            Request::KvmUserfaultArm,
+            Request::KvmUserfaultArm {
+                host_accesses: false,
+            },
+            Request::KvmUserfaultArm {
+                host_accesses: true,
+            },
             Request::KvmUserfaultDisarm,
             Request::Shutdown,
         ];
-        assert_eq!(all.len(), Request::OPS.len());
+        // The flag's default keeps the plain form.
+        assert_eq!(
+            Request::parse(br#"{"op": "kvm_userfault_arm"}"#),
+            Ok(Request::KvmUserfaultArm {
+                host_accesses: false
+            })
+        );
+        assert_eq!(all.len(), Request::OPS.len() + 1);
         for r in all {
             let json = serde_json::to_vec(&r).unwrap();
             assert_eq!(Request::parse(&json), Ok(r.clone()));
@@ -499,7 +535,7 @@ mod tests {
             ]
         );
         let hello: HelloReply = serde_json::from_value(serde_json::json!({
-            "protocol": 1, "vmm": "v", "vm_id": "vm", "vcpus": 1, "incoming": true,
+            "protocol": 2, "vmm": "v", "vm_id": "vm", "vcpus": 1, "incoming": true,
             "state": "incoming",
             "layout": {"regions": [{"guest_phys_addr": 0, "size": 4096, "backing": "memfd",
                 "fd": 0, "file_offset": 0, "page_size": 4096, "host_addr": 4096}]},

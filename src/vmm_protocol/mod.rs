@@ -15,5 +15,6 @@ pub use conn::{ConnError, Connection, Frame};
 pub use frame::{FrameError, FrameHeader, FrameKind};
 pub use messages::{ErrorCode, ErrorReply, Request};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. 2: a vCPU waiting under KVM Userfault sleeps on its
+/// bitmap word, not on a wake counter (`docs/vmm-protocol.md`, `kvm_userfault_arm`).
+pub const PROTOCOL_VERSION: u16 = 2;

@@ -94,10 +94,10 @@ fn handle(mut conn: Connection, vm: &Vm) {
         if frame.header.kind == FrameKind::Request
             && frame.fds.is_empty()
             && frame.blob.is_empty()
-            && Request::parse(&frame.json) == Ok(Request::KvmUserfaultArm)
+            && let Ok(Request::KvmUserfaultArm { host_accesses }) = Request::parse(&frame.json)
         {
             // This connection becomes the event channel: arm, reply, and read no more.
-            arm_kvm_userfault(conn, vm, id);
+            arm_kvm_userfault(conn, vm, id, host_accesses);
             return;
         }
         let shutdown = match respond(&mut conn, vm, frame) {
@@ -114,7 +114,7 @@ fn handle(mut conn: Connection, vm: &Vm) {
     }
 }
 
-fn arm_kvm_userfault(mut conn: Connection, vm: &Vm, id: u32) {
+fn arm_kvm_userfault(mut conn: Connection, vm: &Vm, id: u32, host_accesses: bool) {
     let events = match conn.stream().try_clone() {
         Ok(s) => Connection::new(s),
         Err(e) => {
@@ -129,10 +129,12 @@ fn arm_kvm_userfault(mut conn: Connection, vm: &Vm, id: u32) {
             return;
         }
     };
-    match vm.kvm_userfault_arm(events) {
-        Ok((reply, fd)) => {
+    match vm.kvm_userfault_arm(events, host_accesses) {
+        Ok((reply, bitmap, uffd)) => {
             let json = serde_json::to_vec(&reply).unwrap_or_default();
-            if let Err(e) = conn.write_frame(FrameKind::Reply, id, &json, &[], &[fd.as_fd()]) {
+            let mut fds = vec![bitmap.as_fd()];
+            fds.extend(uffd.as_ref().map(|u| u.as_fd()));
+            if let Err(e) = conn.write_frame(FrameKind::Reply, id, &json, &[], &fds) {
                 tracing::error!("cannot answer kvm_userfault_arm: {e}");
             }
         }
@@ -196,7 +198,7 @@ fn respond(conn: &mut Connection, vm: &Vm, frame: Frame) -> std::io::Result<bool
         Request::UserfaultfdDisarm => send(conn, id, state(vm.userfaultfd_disarm()))?,
         Request::KvmUserfaultDisarm => send(conn, id, state(vm.kvm_userfault_disarm()))?,
         // Handled in `handle`, which gives the connection over to events.
-        Request::KvmUserfaultArm => {
+        Request::KvmUserfaultArm { .. } => {
             let e = ErrorReply::new(
                 ErrorCode::Failed,
                 "kvm_userfault_arm reached the wrong path",

@@ -284,7 +284,7 @@ fn run(
         if !control.is_running() {
             return complete_pending_io(fd);
         }
-        match fd.run() {
+        match faultline::trap::kvm_userfault::run_vcpu(fd) {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let value = le_value(data);
                 match port {
@@ -346,7 +346,9 @@ fn run(
 /// Re-enters KVM_RUN with `immediate_exit` set so KVM completes an in-flight I/O exit.
 fn complete_pending_io(fd: &mut VcpuFd) -> Stop {
     fd.set_kvm_immediate_exit(1);
-    let result = fd.run().map(|_| ()).map_err(|e| e.errno());
+    let result = faultline::trap::kvm_userfault::run_vcpu(fd)
+        .map(|_| ())
+        .map_err(|e| e.errno());
     fd.set_kvm_immediate_exit(0);
     match result {
         Ok(()) | Err(libc::EINTR) | Err(libc::EAGAIN) => Stop::Pause,

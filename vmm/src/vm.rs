@@ -4,7 +4,7 @@
 //! control server only translates. Operations are serialized by one lock; they are rare and
 //! each is short, apart from `pause`, which waits for the vCPUs to leave KVM_RUN.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -189,7 +189,7 @@ impl Vm {
         };
         let control = Arc::new(RunControl::new(vcpus.len(), initial));
         let accounting = Arc::new(Accounting::new(vcpus.len()));
-        let userfault = Arc::new(UserfaultTrap::default());
+        let userfault = Arc::new(UserfaultTrap::new(vcpus.len()));
         let threads = vcpus
             .iter()
             .map(|v| {
@@ -571,12 +571,16 @@ impl Vm {
     }
 
     /// Arms KVM Userfault on RAM with every page marked. `events` (the requesting connection)
-    /// becomes the channel userfault events go out on. Returns the reply and the bitmap memfd.
+    /// becomes the channel userfault events go out on. With `host_accesses`, the RAM mapping is
+    /// also registered with a new userfaultfd in minor mode and its page-table entries dropped,
+    /// so that KVM's and this process's own accesses to a page wait for it as vCPU accesses do.
+    /// Returns the reply, the bitmap memfd and that userfaultfd.
     pub fn kvm_userfault_arm(
         &self,
         events: faultline::vmm_protocol::conn::Connection,
-    ) -> Result<(KvmUserfaultArmReply, std::os::fd::OwnedFd), ErrorReply> {
-        let ops = self.ops();
+        host_accesses: bool,
+    ) -> Result<(KvmUserfaultArmReply, OwnedFd, Option<OwnedFd>), ErrorReply> {
+        let mut ops = self.ops();
         self.require_fresh_incoming(&ops, "kvm_userfault_arm")?;
         if !self.userfault_cap.available {
             return Err(err(
@@ -590,36 +594,97 @@ impl Vm {
                 "KVM Userfault is already armed",
             ));
         }
+        if host_accesses && ops.uffd.is_some() {
+            return Err(err(
+                ErrorCode::InvalidState,
+                "RAM is already registered with userfaultfd",
+            ));
+        }
+        let host = if host_accesses {
+            Some(self.register_host_accesses()?)
+        } else {
+            None
+        };
         let pages = self.memory.pages();
         let bitmap = UserfaultBitmap::create_shared(pages)
             .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
-        let handed = bitmap
-            .shared_fd()
-            .ok_or_else(|| err(ErrorCode::Failed, "the bitmap is not shared"))?
-            .try_clone_to_owned()
-            .map_err(|e| {
+        let dup = |fd: BorrowedFd<'_>, what: &str| {
+            fd.try_clone_to_owned().map_err(|e| {
                 err(
                     ErrorCode::Failed,
-                    format!("cannot duplicate the bitmap fd: {e}"),
+                    format!("cannot duplicate the {what}: {e}"),
                 )
-            })?;
+            })
+        };
+        let handed = dup(
+            bitmap
+                .shared_fd()
+                .ok_or_else(|| err(ErrorCode::Failed, "the bitmap is not shared"))?,
+            "bitmap fd",
+        )?;
+        let handed_uffd = match &host {
+            Some(uffd) => Some(dup(uffd.as_fd(), "userfaultfd")?),
+            None => None,
+        };
         // Turning the flag on zaps the memslot's mappings, so no page stays mapped unmarked.
         self.memory
             .set_memslot(&self.vm_fd, ops.dirty_log, Some(bitmap.user_addr()))
             .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
         self.userfault.arm(bitmap, events);
-        tracing::info!(pages, "KVM Userfault armed");
+        ops.uffd = host;
+        tracing::info!(pages, host_accesses, "KVM Userfault armed");
         Ok((
             KvmUserfaultArmReply {
                 pages,
                 header_bytes: faultline::trap::kvm_userfault::SHARED_HEADER as u64,
+                host_accesses,
             },
             handed,
+            handed_uffd,
         ))
     }
 
+    /// The host-access half of the KVM Userfault trap: the RAM mapping registered in minor
+    /// mode, then every page-table entry of it dropped (a page mapped here never faults, and
+    /// pages written before, by a boot or an earlier pass, must not be read unchecked).
+    fn register_host_accesses(&self) -> Result<Userfaultfd, ErrorReply> {
+        let backing = self.memory.backing();
+        if backing == BackingKind::Anon {
+            return Err(err(
+                ErrorCode::Unavailable,
+                "trapping host accesses needs shared RAM (memfd or guest_memfd): anonymous RAM \
+                 has no second mapping to install pages through",
+            ));
+        }
+        let (features, bits) = uffd_parameters(backing, UffdMode::Minor)?;
+        let uffd =
+            Userfaultfd::new(features).map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+        let start = self.memory.mapping().as_ptr() as u64;
+        uffd.register(start, self.memory.size(), bits).map_err(|e| {
+            err(
+                ErrorCode::Unavailable,
+                format!(
+                    "registering the {backing} RAM mapping in minor mode failed ({e}): this kernel \
+                     cannot trap KVM's own accesses to {backing} memory"
+                ),
+            )
+        })?;
+        self.memory
+            .mapping()
+            .discard(0, self.memory.size() as usize)
+            .map_err(|e| {
+                err(
+                    ErrorCode::Failed,
+                    format!("cannot drop the RAM mapping's page-table entries: {e}"),
+                )
+            })?;
+        Ok(uffd)
+    }
+
+    /// Turns KVM Userfault off: the memslot's flag first, then the trap (waking any vCPU still
+    /// waiting), then the host-access userfaultfd, if any (unregistering wakes its waiters).
     pub fn kvm_userfault_disarm(&self) -> Result<VmState, ErrorReply> {
-        let ops = self.ops();
+        let mut ops = self.ops();
         if let Some(armed) = self.userfault.current() {
             self.memory
                 .set_memslot(&self.vm_fd, ops.dirty_log, None)
@@ -629,6 +694,13 @@ impl Vm {
                 still_marked = armed.bitmap.count_marked(),
                 "KVM Userfault disarmed"
             );
+            if let Some(uffd) = ops.uffd.take() {
+                let start = self.memory.mapping().as_ptr() as u64;
+                if let Err(e) = uffd.unregister(start, self.memory.size()) {
+                    ops.uffd = Some(uffd);
+                    return Err(err(ErrorCode::Failed, e.to_string()));
+                }
+            }
         }
         Ok(self.state_locked(&ops))
     }
@@ -655,6 +727,7 @@ impl Vm {
         let errors = self.control.errors();
         let heartbeats = self.accounting.heartbeats();
         let snapshot = self.accounting.snapshot();
+        let waits = self.userfault.waits();
         let run = ops.run_total + ops.run_since.map(|s| s.elapsed()).unwrap_or_default();
         VmStatus {
             vm_id: self.id.clone(),
@@ -672,6 +745,7 @@ impl Vm {
                     progress: snapshot.progress[i],
                     status_word: snapshot.status_words[i],
                     error: errors[i].clone(),
+                    waiting: waits.get(i).copied().flatten(),
                 })
                 .collect(),
             dirty_log_active: ops.dirty_log,

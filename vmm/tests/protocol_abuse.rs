@@ -83,7 +83,7 @@ fn framing_abuse() {
     // A future protocol version.
     let mut c = raw(&vmm);
     let mut h = FrameHeader::new(FrameKind::Request, 1, 2, 0).encode();
-    h[4] = 2;
+    h[4..6].copy_from_slice(&(faultline::vmm_protocol::PROTOCOL_VERSION + 1).to_le_bytes());
     // One write: the VMM answers and hangs up as soon as it has read the header.
     c.write_raw(&[&h[..], b"{}"].concat()).expect("send");
     expect_error(&mut c, ErrorCode::UnsupportedVersion);

@@ -33,8 +33,9 @@ fn check(backing: &str) {
 
     // KVM Userfault: arming works exactly when offered; the refusal carries the probe's reason.
     let mut events = client(&vmm);
-    match events.kvm_userfault_arm() {
-        Ok((reply, _fd)) => {
+    match events.kvm_userfault_arm(false) {
+        Ok((reply, _fd, uffd)) => {
+            assert!(uffd.is_none() && !reply.host_accesses);
             assert!(kvm.available, "armed although hello said unavailable");
             assert_eq!(reply.pages, 64 << 20 >> 12);
             let state = c.kvm_userfault_disarm().expect("disarm");
@@ -98,7 +99,7 @@ fn no_traps_outside_incoming_mode() {
             .map(|_| ())
             .expect_err("uffd"),
         client(&vmm)
-            .kvm_userfault_arm()
+            .kvm_userfault_arm(false)
             .map(|_| ())
             .expect_err("kvm-userfault"),
     ] {

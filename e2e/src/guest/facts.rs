@@ -1,6 +1,8 @@
 //! Kernel facts the matrix records beside the trap-backend probe, each found by trying it:
 //! whether guest_memfd can be created mmap-able and initially shared, and whether a
-//! guest_memfd memslot accepts dirty logging (which pre-copy of guest_memfd VMs would need).
+//! guest_memfd memslot accepts dirty logging (which pre-copy of guest_memfd VMs would need), and
+//! whether userfaultfd minor mode can register a guest_memfd mapping (the half of the
+//! guest_memfd post-copy trap that catches KVM's own accesses).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -12,19 +14,19 @@ use crate::report::Fact;
 
 const GMEM_FACT: &str = "guest_memfd with GUEST_MEMFD_FLAG_MMAP|GUEST_MEMFD_FLAG_INIT_SHARED";
 const DIRTY_FACT: &str = "dirty logging on a guest_memfd memslot";
+const MINOR_FACT: &str = "userfaultfd minor mode on a guest_memfd mapping";
 
 pub fn facts() -> Vec<Fact> {
-    let fact = |name: &str, r: Result<String, String>| {
-        let (available, reason) = match r {
-            Ok(reason) => (true, reason),
-            Err(reason) => (false, reason),
-        };
-        Fact {
-            name: name.into(),
-            available,
-            reason,
-        }
-    };
+    let mut all = facts_on_a_test_vm();
+    all.push(Fact::from_result(
+        MINOR_FACT,
+        faultline::probe::probe_guest_memfd_minor(),
+    ));
+    all
+}
+
+fn facts_on_a_test_vm() -> Vec<Fact> {
+    let fact = Fact::from_result;
     let vm = match TestVm::new() {
         Ok(vm) => vm,
         Err(e) => {

@@ -4,6 +4,7 @@
 //!
 //! Owns the catalogue of guest tests and how a test's outcome becomes a result line.
 
+pub mod demand_paging;
 mod facts;
 mod stats;
 mod testvm;
@@ -31,25 +32,41 @@ pub enum Outcome {
 pub const TESTS: &[&str] = &[
     "kvm-userfault-capability",
     "uf-first-access-guest-memfd",
+    "uf-first-access-anon",
     "uf-write-access-guest-memfd",
+    "uf-write-access-anon",
     "uf-unmarked-never-exit-guest-memfd",
     "uf-multi-vcpu-guest-memfd",
+    "uf-multi-vcpu-anon",
     "uf-toggle-live-guest-memfd",
     "uf-toggle-live-anon",
     "uf-bad-bitmap-guest-memfd",
     "uf-bad-bitmap-anon",
     "uf-unreadable-bitmap-guest-memfd",
     "uf-4k-only-anon",
+    "uf-dirty-log-then-disarm-anon",
+    "uf-kvm-internal-access-guest-memfd",
+    "uf-pre-fault-marked-guest-memfd",
+    "uf-pre-fault-marked-anon",
+    "uf-rebind-under-faults-guest-memfd",
     "vmm-memtouch-anon",
     "vmm-memtouch-memfd",
     "vmm-memtouch-guest-memfd",
     "vmm-handover-memfd",
     "vmm-handover-guest-memfd",
+    "vmm-userfault-disarm-guest-memfd",
+    "bench-demand-paging",
 ];
 
 /// The tests of Faultline's KVM Userfault patch.
 pub fn userfault_tests() -> impl Iterator<Item = &'static str> {
     TESTS.iter().copied().filter(|t| t.starts_with("uf-"))
+}
+
+/// The benchmarks (`bench-*`): they pass when every mechanism the kernel has ran correctly,
+/// and their detail carries the figures.
+pub fn bench_tests() -> impl Iterator<Item = &'static str> {
+    TESTS.iter().copied().filter(|t| t.starts_with("bench-"))
 }
 
 /// The reference VMM's KVM tests.
@@ -63,20 +80,31 @@ fn run_test(name: &str, plan: &Plan) -> Result<Outcome> {
     match name {
         "kvm-userfault-capability" => userfault::capability(plan.expect_userfault),
         "uf-first-access-guest-memfd" => userfault::first_access(GuestMemfd),
+        "uf-first-access-anon" => userfault::first_access(Anon),
         "uf-write-access-guest-memfd" => userfault::write_access(GuestMemfd),
+        "uf-write-access-anon" => userfault::write_access(Anon),
         "uf-unmarked-never-exit-guest-memfd" => userfault::unmarked_never_exit(GuestMemfd),
         "uf-multi-vcpu-guest-memfd" => userfault::multi_vcpu(GuestMemfd),
+        "uf-multi-vcpu-anon" => userfault::multi_vcpu(Anon),
         "uf-toggle-live-guest-memfd" => userfault::toggle(GuestMemfd),
         "uf-toggle-live-anon" => userfault::toggle(Anon),
         "uf-bad-bitmap-guest-memfd" => userfault::bad_bitmap(GuestMemfd),
         "uf-bad-bitmap-anon" => userfault::bad_bitmap(Anon),
         "uf-unreadable-bitmap-guest-memfd" => userfault::unreadable_bitmap(GuestMemfd),
         "uf-4k-only-anon" => userfault::only_4k_mappings(),
+        "uf-dirty-log-then-disarm-anon" => userfault::dirty_log_then_disarm(),
+        "uf-kvm-internal-access-guest-memfd" => userfault::kvm_internal_access(),
+        "uf-pre-fault-marked-guest-memfd" => userfault::pre_fault_marked(GuestMemfd),
+        "uf-pre-fault-marked-anon" => userfault::pre_fault_marked(Anon),
+        "uf-rebind-under-faults-guest-memfd" => userfault::rebind_under_faults(),
         "vmm-memtouch-anon" => vmm::memtouch(vmm, Anon),
         "vmm-memtouch-memfd" => vmm::memtouch(vmm, Memfd),
         "vmm-memtouch-guest-memfd" => vmm::memtouch(vmm, GuestMemfd),
         "vmm-handover-memfd" => vmm::handover(vmm, Memfd),
         "vmm-handover-guest-memfd" => vmm::handover(vmm, GuestMemfd),
+        "vmm-userfault-disarm-guest-memfd" => vmm::userfault_disarm_while_waiting(vmm, GuestMemfd),
+        // Small: the nested guest runs under QEMU's emulator (the host runs it bigger).
+        "bench-demand-paging" => demand_paging::matrix_test(2, 256),
         other => anyhow::bail!("no guest test named {other}"),
     }
 }

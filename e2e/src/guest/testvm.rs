@@ -18,6 +18,12 @@ use faultline::trap::kvm_userfault::{
 use kvm_bindings::{kvm_create_guest_memfd, kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+/// Where [`TestVm::vcpu_string_out`]'s two instructions live.
+const STRING_OUT_GPA: u64 = 0x2000;
+/// `outsd` (port dx, source ds:esi: KVM's instruction emulator reads the u32 from guest memory
+/// through the memslot's host address), then `hlt`.
+const STRING_OUT: [u8; 2] = [0x6F, 0xF4];
+
 /// Size of the system memslot (slot 0) at GPA 0.
 const SYSTEM_BYTES: u64 = 1 << 20;
 /// Where the guest program is loaded.
@@ -86,6 +92,7 @@ impl TestVm {
             .map_err(|e| anyhow::anyhow!("KVM_CREATE_VM: {e}"))?;
         let system = MmapRegion::anonymous(SYSTEM_BYTES as usize)?;
         system.write(CODE_GPA, &PROGRAM)?;
+        system.write(STRING_OUT_GPA, &STRING_OUT)?;
         let slot = Memslot {
             slot: 0,
             guest_phys_addr: 0,
@@ -116,6 +123,36 @@ impl TestVm {
     pub fn vcpu(&self, index: u64, table: &[u32]) -> Result<VcpuFd> {
         ensure!(index < MAX_VCPUS, "at most {MAX_VCPUS} vCPUs");
         self.set_table(index, table)?;
+        self.flat_vcpu(
+            index,
+            kvm_regs {
+                rip: CODE_GPA,
+                rsi: TABLE_GPA + index * 4096,
+                rflags: 2,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Creates vCPU `index` ready to run one `outsd` of the u32 at guest-physical `gpa` to
+    /// [`REPORT_PORT`] (reported as [`Event::Value`]), then halt. The guest never touches
+    /// `gpa` itself: KVM reads it while emulating the string instruction.
+    pub fn vcpu_string_out(&self, index: u64, gpa: u32) -> Result<VcpuFd> {
+        ensure!(index < MAX_VCPUS, "at most {MAX_VCPUS} vCPUs");
+        self.flat_vcpu(
+            index,
+            kvm_regs {
+                rip: STRING_OUT_GPA,
+                rsi: u64::from(gpa),
+                rdx: u64::from(REPORT_PORT),
+                rflags: 2,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// A vCPU in 32-bit protected mode with flat segments and paging off, at `regs`.
+    fn flat_vcpu(&self, index: u64, regs: kvm_regs) -> Result<VcpuFd> {
         let vcpu = self
             .vm
             .create_vcpu(index)
@@ -154,12 +191,6 @@ impl TestVm {
         sregs.efer = 0;
         vcpu.set_sregs(&sregs)
             .map_err(|e| anyhow::anyhow!("KVM_SET_SREGS: {e}"))?;
-        let regs = kvm_regs {
-            rip: CODE_GPA,
-            rsi: TABLE_GPA + index * 4096,
-            rflags: 2,
-            ..Default::default()
-        };
         vcpu.set_regs(&regs)
             .map_err(|e| anyhow::anyhow!("KVM_SET_REGS: {e}"))?;
         Ok(vcpu)
@@ -222,9 +253,7 @@ pub fn rewind(vcpu: &VcpuFd, index: u64) -> Result<()> {
 
 /// Runs the vCPU until its next event.
 pub fn run(vcpu: &mut VcpuFd) -> Event {
-    // A stale exit reason must not be mistaken for a memory fault exit of this run.
-    vcpu.get_kvm_run().exit_reason = 0;
-    match vcpu.run() {
+    match faultline::trap::kvm_userfault::run_vcpu(vcpu) {
         Ok(VcpuExit::IoOut(port, data)) if port == REPORT_PORT && data.len() == 4 => {
             Event::Value(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
         }

@@ -566,96 +566,144 @@ pub fn unreadable_bitmap(backing: BackingKind) -> Result<Outcome> {
     ))
 }
 
-/// While the flag is on only 4 KiB mappings are made: anonymous memory backed by transparent
-/// huge pages is mapped with 2 MiB pages without the flag (the baseline), with none while the
-/// flag is on, and gets 2 MiB mappings back when the flag is turned off.
-pub fn only_4k_mappings() -> Result<Outcome> {
+/// Two 2 MiB-aligned huge pages of anonymous memory backed by transparent huge pages, in a
+/// memslot of a fresh test VM, and a vCPU that walks them (every 256 KiB).
+struct HugeFixture {
+    vm: TestVm,
+    // Kept alive for the memslot; declared after the VM so it is dropped after it.
+    _region: MmapRegion,
+    slot: Memslot,
+    bitmap: UserfaultBitmap,
+    stats: VmStats,
+    table: Vec<u32>,
+}
+
+impl HugeFixture {
     const HUGE: u64 = 2 << 20;
-    const BYTES: u64 = 2 * HUGE;
+    const BYTES: u64 = 2 * Self::HUGE;
     const GPA: u64 = 4 << 20;
-    let thp =
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-    if !(thp.contains("[always]") || thp.contains("[madvise]")) {
-        return Ok(Outcome::Unavailable(format!(
-            "transparent huge pages are off or absent (/sys/kernel/mm/transparent_hugepage/enabled: {:?})",
-            thp.trim()
-        )));
-    }
-    let vm = TestVm::new()?;
-    let region = MmapRegion::anonymous((BYTES + HUGE) as usize)?;
-    let base = region.as_ptr() as u64;
-    let aligned = base.next_multiple_of(HUGE);
-    let offset = aligned - base;
-    // SAFETY: [aligned, aligned + BYTES) lies inside `region`, which nothing else references;
-    // MADV_HUGEPAGE only changes how the kernel backs it.
-    unsafe {
-        rustix::mm::madvise(
-            aligned as *mut std::ffi::c_void,
-            BYTES as usize,
-            rustix::mm::Advice::LinuxHugepage,
-        )
-    }
-    .context("madvise(MADV_HUGEPAGE)")?;
-    for off in (0..BYTES).step_by(PAGE_SIZE as usize) {
-        region.write(offset + off, &[1])?;
-    }
-    let bitmap = UserfaultBitmap::new(BYTES / PAGE_SIZE);
-    let slot = Memslot {
-        slot: TEST_SLOT,
-        guest_phys_addr: GPA,
-        memory_size: BYTES,
-        userspace_addr: aligned,
-        ..Default::default()
-    };
-    let set = |armed: bool| -> Result<()> {
-        let s = Memslot {
-            userfault_bitmap: armed.then(|| bitmap.user_addr()),
-            ..slot
+
+    /// The inner `Err` is why the kernel cannot run the test (no transparent huge pages).
+    fn new() -> Result<std::result::Result<Self, String>> {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !(thp.contains("[always]") || thp.contains("[madvise]")) {
+            return Ok(Err(format!(
+                "transparent huge pages are off or absent (/sys/kernel/mm/transparent_hugepage/enabled: {:?})",
+                thp.trim()
+            )));
+        }
+        let vm = TestVm::new()?;
+        let region = MmapRegion::anonymous((Self::BYTES + Self::HUGE) as usize)?;
+        let base = region.as_ptr() as u64;
+        let aligned = base.next_multiple_of(Self::HUGE);
+        let offset = aligned - base;
+        // SAFETY: [aligned, aligned + BYTES) lies inside `region`, which nothing else
+        // references; MADV_HUGEPAGE only changes how the kernel backs it.
+        unsafe {
+            rustix::mm::madvise(
+                aligned as *mut std::ffi::c_void,
+                Self::BYTES as usize,
+                rustix::mm::Advice::LinuxHugepage,
+            )
+        }
+        .context("madvise(MADV_HUGEPAGE)")?;
+        for off in (0..Self::BYTES).step_by(PAGE_SIZE as usize) {
+            region.write(offset + off, &[1])?;
+        }
+        let slot = Memslot {
+            slot: TEST_SLOT,
+            guest_phys_addr: Self::GPA,
+            memory_size: Self::BYTES,
+            userspace_addr: aligned,
+            ..Default::default()
         };
-        vm.set_memslot(&s)
-            .map_err(|e| anyhow::anyhow!("memslot (armed: {armed}) = {}", errno_name(e)))
-    };
-    let stats = VmStats::open(&vm.vm)?;
-    set(false)?;
-    let table: Vec<u32> = (0..BYTES)
-        .step_by((256 * 1024) as usize)
-        .map(|o| (GPA + o) as u32)
-        .collect();
-    let mut vcpu = vm.vcpu(0, &table)?;
-    let walk = |vcpu: &mut kvm_ioctls::VcpuFd| -> Result<()> {
+        let stats = VmStats::open(&vm.vm)?;
+        let table = (0..Self::BYTES)
+            .step_by((256 * 1024) as usize)
+            .map(|o| (Self::GPA + o) as u32)
+            .collect();
+        Ok(Ok(Self {
+            vm,
+            _region: region,
+            slot,
+            bitmap: UserfaultBitmap::new(Self::BYTES / PAGE_SIZE),
+            stats,
+            table,
+        }))
+    }
+
+    fn set(&self, armed: bool, log_dirty_pages: bool) -> Result<()> {
+        let s = Memslot {
+            userfault_bitmap: armed.then(|| self.bitmap.user_addr()),
+            log_dirty_pages,
+            ..self.slot
+        };
+        self.vm.set_memslot(&s).map_err(|e| {
+            anyhow::anyhow!(
+                "memslot {} = {}",
+                faultline::trap::kvm_userfault::flag_names(s.flags()),
+                errno_name(e)
+            )
+        })
+    }
+
+    fn walk(&self, vcpu: &mut kvm_ioctls::VcpuFd) -> Result<()> {
         rewind(vcpu, 0)?;
-        for _ in &table {
+        for _ in &self.table {
             match run(vcpu) {
                 Event::Value(_) => {}
                 other => bail!("walking the huge-page region: {other:?}"),
             }
         }
         expect(vcpu, Event::Halted, "end of walk")
+    }
+
+    /// Puts the walk back in vCPU 0's table and walks.
+    fn set_table_walk(&self, vcpu: &mut kvm_ioctls::VcpuFd) -> Result<()> {
+        self.vm.set_table(0, &self.table)?;
+        self.walk(vcpu)
+    }
+
+    fn huge(&self) -> Result<u64> {
+        self.stats.read("pages_2m")
+    }
+}
+
+/// While the flag is on only 4 KiB mappings are made: anonymous memory backed by transparent
+/// huge pages is mapped with 2 MiB pages without the flag (the baseline), with none while the
+/// flag is on, and gets 2 MiB mappings back when the flag is turned off.
+pub fn only_4k_mappings() -> Result<Outcome> {
+    let f = match HugeFixture::new()? {
+        Ok(f) => f,
+        Err(why) => return Ok(Outcome::Unavailable(why)),
     };
-    walk(&mut vcpu)?;
-    let baseline = stats.read("pages_2m")?;
+    f.set(false, false)?;
+    let mut vcpu = f.vm.vcpu(0, &f.table)?;
+    f.walk(&mut vcpu)?;
+    let baseline = f.huge()?;
     ensure!(
         baseline >= 1,
         "baseline: no 2M mappings without KVM Userfault (pages_2m = {baseline}), so the test cannot tell"
     );
-    set(true)?;
-    let zapped = stats.read("pages_2m")?;
-    let before_4k = stats.read("pages_4k")?;
-    walk(&mut vcpu)?;
-    let armed_2m = stats.read("pages_2m")?;
-    let armed_4k = stats.read("pages_4k")?;
+    f.set(true, false)?;
+    let zapped = f.huge()?;
+    let before_4k = f.stats.read("pages_4k")?;
+    f.walk(&mut vcpu)?;
+    let armed_2m = f.huge()?;
+    let armed_4k = f.stats.read("pages_4k")?;
     ensure!(
         zapped == 0 && armed_2m == 0,
         "2M mappings while armed: {zapped} after arming, {armed_2m} after the walk"
     );
     ensure!(
-        armed_4k >= before_4k + table.len() as u64,
+        armed_4k >= before_4k + f.table.len() as u64,
         "the walk made {} 4K mappings, expected at least {}",
         armed_4k.saturating_sub(before_4k),
-        table.len()
+        f.table.len()
     );
-    set(false)?;
-    let recovered = stats.read("pages_2m")?;
+    f.set(false, false)?;
+    let recovered = f.huge()?;
     ensure!(
         recovered >= 1,
         "no 2M mappings recovered after turning the flag off"
@@ -663,5 +711,347 @@ pub fn only_4k_mappings() -> Result<Outcome> {
     Ok(Outcome::Passed(format!(
         "pages_2m: {baseline} without the flag, 0 while armed ({} new 4K mappings), {recovered} after disarming",
         armed_4k - before_4k
+    )))
+}
+
+/// Turning KVM Userfault off while dirty logging stays on must not bring huge pages back (dirty
+/// logging tracks 4 KiB pages; the patch recovers huge pages only when neither is on), and the
+/// dirty log must keep recording writes across the change; turning dirty logging off then
+/// recovers them.
+pub fn dirty_log_then_disarm() -> Result<Outcome> {
+    let f = match HugeFixture::new()? {
+        Ok(f) => f,
+        Err(why) => return Ok(Outcome::Unavailable(why)),
+    };
+    f.set(false, false)?;
+    let mut vcpu = f.vm.vcpu(0, &f.table)?;
+    f.walk(&mut vcpu)?;
+    ensure!(
+        f.huge()? >= 1,
+        "baseline: no 2M mappings at all, so the test cannot tell"
+    );
+    f.set(true, true)?;
+    f.walk(&mut vcpu)?;
+    ensure!(
+        f.huge()? == 0,
+        "2M mappings with dirty logging and KVM Userfault on"
+    );
+    // Clear the log, then turn only the userfault flag off.
+    let bytes = HugeFixture::BYTES as usize;
+    let _ =
+        f.vm.vm
+            .get_dirty_log(TEST_SLOT, bytes)
+            .map_err(|e| anyhow::anyhow!("KVM_GET_DIRTY_LOG: {e}"))?;
+    f.set(false, true)?;
+    let after_disarm = f.huge()?;
+    // Write two pages, one in each huge page, through the guest.
+    let writes = [f.table[1], f.table[f.table.len() - 1]];
+    f.vm.set_table(0, &[writes[0] | WRITE, writes[1] | WRITE])?;
+    rewind(&vcpu, 0)?;
+    for w in writes {
+        expect(&mut vcpu, Event::Value(w), "a write with dirty logging on")?;
+    }
+    expect(&mut vcpu, Event::Halted, "end of the writes")?;
+    let log =
+        f.vm.vm
+            .get_dirty_log(TEST_SLOT, bytes)
+            .map_err(|e| anyhow::anyhow!("KVM_GET_DIRTY_LOG: {e}"))?;
+    let dirty: Vec<u64> = (0..HugeFixture::BYTES / PAGE_SIZE)
+        .filter(|p| {
+            log.get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        })
+        .collect();
+    let want: Vec<u64> = writes
+        .iter()
+        .map(|&w| (u64::from(w) - HugeFixture::GPA) / PAGE_SIZE)
+        .collect();
+    ensure!(
+        dirty == want,
+        "dirty log after disarming: pages {dirty:?}, expected exactly {want:?}"
+    );
+    f.set_table_walk(&mut vcpu)?;
+    let walked = f.huge()?;
+    ensure!(
+        after_disarm == 0 && walked == 0,
+        "2M mappings while dirty logging is on: {after_disarm} after disarming, {walked} after a walk"
+    );
+    f.set(false, false)?;
+    let recovered = f.huge()?;
+    ensure!(
+        recovered >= 1,
+        "no 2M mappings recovered once dirty logging was off too"
+    );
+    Ok(Outcome::Passed(format!(
+        "userfault off with dirty logging on: 0 2M mappings, dirty log exactly pages {want:?}; both off: {recovered} 2M mappings"
+    )))
+}
+
+/// KVM's own access to a page that has not arrived: the guest runs `outsd` from a marked page,
+/// which KVM emulates by reading guest memory through the memslot's host address — a path
+/// KVM Userfault does not check. First without more (what KVM reads is recorded), then with
+/// the other half of the trap: the host mapping registered with userfaultfd in minor mode and
+/// its page-table entries dropped. Then the read must stop in a minor fault on that page until
+/// the test (playing the receiver) has written the migrated contents through a second mapping
+/// of the guest_memfd and resolved it with `UFFDIO_CONTINUE`; the value KVM hands to the port
+/// must be the migrated one, never the stale one.
+pub fn kvm_internal_access() -> Result<Outcome> {
+    use faultline::sys::uffd::Event as UffdEvent;
+    use faultline::sys::uffd::{FAULT_MINOR, FEATURE_MINOR_SHMEM, MODE_MINOR, Userfaultfd};
+    const P: u64 = 5;
+    const OFFSET: u64 = 0x40;
+    let gpa = addr(P, OFFSET);
+    let stale = !gpa;
+    let migrated = 0xC0DE_0000 | gpa & 0xFFFF;
+
+    // Without the userfaultfd half: what KVM reads from a marked page.
+    let without = {
+        let f = Fixture::new(BackingKind::GuestMemfd, 16)?;
+        f.bitmap.mark(P);
+        f.set(true)?;
+        let mut vcpu = f.vm.vcpu_string_out(0, gpa)?;
+        match run(&mut vcpu) {
+            Event::Value(v) if v == stale => "KVM read the stale contents".to_string(),
+            other => format!("KVM's read ended in {other:?}"),
+        }
+    };
+
+    let f = Fixture::new(BackingKind::GuestMemfd, 16)?;
+    let gmem = f.gmem.as_ref().context("the fixture has no guest_memfd")?;
+    // The receiver's own mapping of the same file: writing through it raises no fault.
+    let receiver = MmapRegion::shared(std::os::fd::AsFd::as_fd(gmem), 0, f.map.len())
+        .context("a second mapping of the guest_memfd")?;
+    let uffd = Userfaultfd::new(FEATURE_MINOR_SHMEM).context("userfaultfd (minor)")?;
+    let base = f.map.as_ptr() as u64;
+    uffd.register(base, f.map.len() as u64, MODE_MINOR)
+        .context("registering the guest_memfd host mapping in minor mode")?;
+    // The fill left every page mapped in the host mapping; a mapped page never faults.
+    f.map
+        .discard(0, f.map.len())
+        .context("dropping the host mapping's page-table entries")?;
+    f.bitmap.mark(P);
+    f.set(true)?;
+    let mut vcpu = f.vm.vcpu_string_out(0, gpa)?;
+    let fault_addr = base + P * PAGE_SIZE;
+    let (event, value) = std::thread::scope(|s| -> Result<(UffdEvent, Event)> {
+        let vcpu_thread = s.spawn(|| run(&mut vcpu));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let event = loop {
+            if let Some(e) = uffd
+                .read_events(1)
+                .context("reading the userfaultfd")?
+                .pop()
+            {
+                break e;
+            }
+            if vcpu_thread.is_finished() || Instant::now() >= deadline {
+                let got = vcpu_thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("vCPU thread panicked"))?;
+                bail!(
+                    "no minor fault for KVM's read of page {P} (stale {stale:#x}, migrated {migrated:#x}): the vCPU ended in {got:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The vCPU is blocked inside KVM_RUN on the fault: install, then continue.
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        page[OFFSET as usize..OFFSET as usize + 4].copy_from_slice(&migrated.to_le_bytes());
+        receiver.write(P * PAGE_SIZE, &page)?;
+        f.bitmap.clear(P);
+        uffd.continue_range(fault_addr, PAGE_SIZE)
+            .context("UFFDIO_CONTINUE")?;
+        let value = vcpu_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("vCPU thread panicked"))?;
+        Ok((event, value))
+    })?;
+    match event {
+        UffdEvent::PageFault { address, flags, .. } => ensure!(
+            address & !(PAGE_SIZE - 1) == fault_addr && flags & FAULT_MINOR != 0,
+            "fault at {address:#x} flags {flags:#x}, expected a minor fault at {fault_addr:#x}"
+        ),
+        other => bail!("unexpected userfaultfd event {other:?}"),
+    }
+    ensure!(
+        value == Event::Value(migrated),
+        "KVM handed the port {value:?}; the migrated value is {migrated:#x}, the stale one {stale:#x}"
+    );
+    expect(&mut vcpu, Event::Halted, "after the string instruction")?;
+    Ok(Outcome::Passed(format!(
+        "without userfaultfd: {without}; with it: a minor fault at page {P}, and KVM read the migrated {migrated:#x}"
+    )))
+}
+
+/// `KVM_PRE_FAULT_MEMORY` = `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)` (64 bytes).
+const KVM_PRE_FAULT_MEMORY: libc::c_ulong = (3 << 30) | (64 << 16) | (0xAE << 8) | 0xD5;
+
+/// `KVM_PRE_FAULT_MEMORY` over `[gpa, gpa + size)`: `Ok(range left)` as KVM updated it, or the
+/// errno.
+fn pre_fault(
+    vcpu: &kvm_ioctls::VcpuFd,
+    gpa: u64,
+    size: u64,
+) -> std::result::Result<(u64, u64), i32> {
+    use std::os::fd::AsRawFd;
+    let mut range = kvm_bindings::kvm_pre_fault_memory {
+        gpa,
+        size,
+        ..Default::default()
+    };
+    // SAFETY: KVM_PRE_FAULT_MEMORY reads and updates a `struct kvm_pre_fault_memory`, which
+    // `range` is (kvm-bindings checks its size, 64 bytes) and which outlives the call.
+    let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_PRE_FAULT_MEMORY as _, &mut range) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok((range.gpa, range.size))
+    }
+}
+
+/// `KVM_PRE_FAULT_MEMORY` must not map a marked page: over three pages with the middle one
+/// marked it maps the first and stops at the marked one (KVM reports the progress and the
+/// range left); starting at the marked page it fails with EFAULT. The guest then reads the
+/// first page without an exit and exits on the marked one, which the pre-fault left unmapped.
+pub fn pre_fault_marked(backing: BackingKind) -> Result<Outcome> {
+    let f = Fixture::new(backing, 8)?;
+    f.bitmap.mark(1);
+    f.set(true)?;
+    let mut vcpu = f.vm.vcpu(0, &[addr(0, 0x10), addr(1, 0x10)])?;
+    let page = |p: u64| BASE + p * PAGE_SIZE;
+    match pre_fault(&vcpu, page(0), 3 * PAGE_SIZE) {
+        Err(e) if e == libc::EOPNOTSUPP || e == libc::ENOTTY || e == libc::EINVAL => {
+            return Ok(Outcome::Unavailable(format!(
+                "KVM_PRE_FAULT_MEMORY = {} (needs two-dimensional paging)",
+                errno_name(e)
+            )));
+        }
+        Err(e) => bail!("KVM_PRE_FAULT_MEMORY over pages 0–2 = {}", errno_name(e)),
+        Ok((gpa, size)) => ensure!(
+            gpa == page(1) && size == 2 * PAGE_SIZE,
+            "pre-faulting pages 0–2 stopped at {gpa:#x} with {size:#x} left; expected the marked page 1"
+        ),
+    }
+    match pre_fault(&vcpu, page(1), 2 * PAGE_SIZE) {
+        Err(e) if e == libc::EFAULT => {}
+        other => bail!("KVM_PRE_FAULT_MEMORY from the marked page: expected EFAULT, got {other:?}"),
+    }
+    expect(
+        &mut vcpu,
+        Event::Value(!addr(0, 0x10)),
+        "pre-faulted page 0",
+    )?;
+    let got = run(&mut vcpu);
+    check_flags(&got)?;
+    ensure!(
+        got == fault_at(1),
+        "the marked page after the pre-fault: expected an exit, got {got:?}"
+    );
+    f.bitmap.clear(1);
+    expect(
+        &mut vcpu,
+        Event::Value(!addr(1, 0x10)),
+        "page 1 after clearing",
+    )?;
+    Ok(Outcome::Passed(
+        "pre-fault stopped at the marked page (range left: 2 pages), EFAULT from it; the guest then exited on it".into(),
+    ))
+}
+
+/// Flags-only changes of a live guest_memfd memslot (KVM Userfault on and off, which moves the
+/// guest_memfd binding to the new memslot) while two vCPUs keep faulting on its pages: each
+/// vCPU walks its own pages over and over, clearing the bit of every page it exits on, while
+/// the main thread marks every page and toggles the flag. Every value read must be the page's
+/// own, every exit a userfault on a page of the walk, and both vCPUs must keep making progress.
+pub fn rebind_under_faults() -> Result<Outcome> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const VCPUS: u64 = 2;
+    const PER_VCPU: u64 = 24;
+    const CYCLES: usize = 40;
+    let f = Fixture::new(BackingKind::GuestMemfd, VCPUS * PER_VCPU)?;
+    f.set(false)?;
+    let tables: Vec<Vec<u32>> = (0..VCPUS)
+        .map(|v| {
+            (0..PER_VCPU)
+                .map(|k| addr(v * PER_VCPU + k, 8 * v + 4 * (k % 4)))
+                .collect()
+        })
+        .collect();
+    let mut vcpus = Vec::new();
+    for (v, t) in tables.iter().enumerate() {
+        vcpus.push(f.vm.vcpu(v as u64, t)?);
+    }
+    let stop = AtomicBool::new(false);
+    let walks = [AtomicU64::new(0), AtomicU64::new(0)];
+    let exits = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let toggled = std::thread::scope(|s| -> Result<usize> {
+        let handles: Vec<_> = vcpus
+            .iter_mut()
+            .enumerate()
+            .map(|(v, vcpu)| {
+                let (table, f, stop, walks, exits) = (&tables[v], &f, &stop, &walks, &exits);
+                s.spawn(move || -> Result<()> {
+                    while !stop.load(Ordering::Acquire) || walks[v].load(Ordering::Acquire) == 0 {
+                        ensure!(Instant::now() < deadline, "vCPU {v}: no end in sight");
+                        rewind(vcpu, v as u64)?;
+                        let mut next = 0;
+                        loop {
+                            match run(vcpu) {
+                                Event::Value(x) => {
+                                    let want = table.get(next).map(|a| !a);
+                                    ensure!(
+                                        Some(x) == want,
+                                        "vCPU {v} step {next}: read {x:#x}, expected {want:?}"
+                                    );
+                                    next += 1;
+                                }
+                                Event::Halted => break,
+                                ev @ Event::MemoryFault { gpa, .. } => {
+                                    check_flags(&ev)?;
+                                    let page = (gpa - BASE) / PAGE_SIZE;
+                                    let want = table.get(next).map(|&a| (u64::from(a) - BASE) / PAGE_SIZE);
+                                    ensure!(
+                                        Some(page) == want,
+                                        "vCPU {v} step {next}: exit on page {page}, expected {want:?}"
+                                    );
+                                    exits.fetch_add(1, Ordering::Relaxed);
+                                    f.bitmap.clear(page);
+                                }
+                                other => bail!("vCPU {v}: unexpected {other:?}"),
+                            }
+                        }
+                        ensure!(next == table.len(), "vCPU {v} halted after {next} values");
+                        walks[v].fetch_add(1, Ordering::AcqRel);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let toggling = (|| -> Result<usize> {
+            for cycle in 0..CYCLES {
+                f.bitmap.mark_all();
+                f.set(true)
+                    .with_context(|| format!("cycle {cycle}: flag on"))?;
+                std::thread::sleep(Duration::from_millis(3));
+                f.set(false)
+                    .with_context(|| format!("cycle {cycle}: flag off"))?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(CYCLES)
+        })();
+        stop.store(true, Ordering::Release);
+        for (v, h) in handles.into_iter().enumerate() {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("vCPU {v} thread panicked"))??;
+        }
+        toggling
+    })?;
+    let walked: Vec<u64> = walks.iter().map(|w| w.load(Ordering::Acquire)).collect();
+    Ok(Outcome::Passed(format!(
+        "{toggled} on/off cycles of a live guest_memfd memslot under {VCPUS} faulting vCPUs: walks {walked:?}, {} userfault exits, every value the page's own",
+        exits.load(Ordering::Relaxed)
     )))
 }

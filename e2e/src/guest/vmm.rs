@@ -13,8 +13,10 @@ use anyhow::{Context, Result, bail, ensure};
 use faultline::guest_memory::GuestMemory;
 use faultline::layout::{BackingKind, PAGE_SIZE};
 use faultline::probe::backing_usable;
+use faultline::sys::uffd::Userfaultfd;
+use faultline::trap::kvm_userfault::UserfaultBitmap;
 use faultline::vmm_protocol::VmmClient;
-use faultline::vmm_protocol::messages::{VmState, VmStatus};
+use faultline::vmm_protocol::messages::{ErrorCode, Event, VmState, VmStatus};
 
 use super::Outcome;
 
@@ -207,6 +209,57 @@ fn wait_status(
 /// Hand-over between two VMMs: A runs, pauses and saves; B (incoming) gets A's memory and
 /// state, A is fenced, B resumes and keeps beating without verification failures.
 pub fn handover(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
+    hand_over(vmm, backing, None)
+}
+
+/// The hand-over with KVM Userfault armed on the target and every page marked: the test plays
+/// the sidecar, installs the first pages the vCPUs fault on (clear and wake), then stops
+/// answering. Once every vCPU waits (as `status` must show, with the page), it disarms: the
+/// waiting vCPUs must wake and run on, with no vCPU failed and no damage.
+pub fn userfault_disarm_while_waiting(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
+    hand_over(vmm, backing, Some(SERVED_FAULTS))
+}
+
+/// Faults the userfault test installs before it stops answering.
+const SERVED_FAULTS: usize = 16;
+
+/// The target side of the KVM Userfault variant: the event channel, the shared bitmap and,
+/// where the kernel has it, the host half (the VMM's RAM mapping in minor mode).
+struct TargetTrap {
+    events: VmmClient,
+    bitmap: UserfaultBitmap,
+    host: Option<Userfaultfd>,
+}
+
+/// Resolves every minor fault on the host half (all memory was copied, so every page is
+/// valid) until `stop`; returns how many there were. KVM's own accesses to the memtouch
+/// guest's memory are rare (instruction emulation), so this is usually zero.
+fn serve_host_faults(uffd: &Userfaultfd, stop: &std::sync::atomic::AtomicBool) -> Result<u64> {
+    use faultline::sys::uffd::Event as UffdEvent;
+    let mut served = 0;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        let events = uffd
+            .read_events(16)
+            .context("reading the host userfaultfd")?;
+        if events.is_empty() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for e in events {
+            if let UffdEvent::PageFault { address, .. } = e {
+                let page = address & !(PAGE_SIZE - 1);
+                match uffd.continue_range(page, PAGE_SIZE) {
+                    Err(e) if e.errno() != Some(rustix::io::Errno::EXIST) => {
+                        return Err(e).context("UFFDIO_CONTINUE");
+                    }
+                    _ => served += 1,
+                }
+            }
+        }
+    }
+    Ok(served)
+}
+
+fn hand_over(vmm: &Path, backing: BackingKind, serve: Option<usize>) -> Result<Outcome> {
     if let Err(reason) = backing_usable(backing) {
         return Ok(Outcome::Unavailable(reason));
     }
@@ -240,6 +293,37 @@ pub fn handover(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
         hello_a.layout,
         hello_b.layout
     );
+    let mut trap = None;
+    if serve.is_some() {
+        let mut events = b.client()?;
+        // With the host half where this kernel has it (Faultline's), and without otherwise.
+        let (reply, fd, host) = match events.kvm_userfault_arm(true) {
+            Ok(armed) => armed,
+            Err(e)
+                if e.refusal()
+                    .is_some_and(|r| r.code == ErrorCode::Unavailable) =>
+            {
+                events = b.client()?;
+                match events.kvm_userfault_arm(false) {
+                    Ok(armed) => armed,
+                    Err(e)
+                        if e.refusal()
+                            .is_some_and(|r| r.code == ErrorCode::Unavailable) =>
+                    {
+                        return Ok(Outcome::Unavailable(e.to_string()));
+                    }
+                    Err(e) => return Err(e).context("kvm_userfault_arm"),
+                }
+            }
+            Err(e) => return Err(e).context("kvm_userfault_arm (host accesses)"),
+        };
+        let bitmap = UserfaultBitmap::open_shared(fd, reply.pages).context("mapping the bitmap")?;
+        trap = Some(TargetTrap {
+            events,
+            bitmap,
+            host: host.map(Userfaultfd::from),
+        });
+    }
     let (_, blob) = ca.save_state().context("save source state")?;
     let at_pause = ca.status().context("status source")?;
     let mem_a = GuestMemory::open(&hello_a.layout, fds_a).context("mapping source memory")?;
@@ -271,6 +355,30 @@ pub fn handover(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
         cb.resume().context("resume target")? == VmState::Running,
         "target not running"
     );
+    let mut trap_note = String::new();
+    if let (Some(t), Some(n)) = (trap.as_mut(), serve) {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (note, host_faults) = std::thread::scope(|s| -> Result<(String, Option<u64>)> {
+            let server = t
+                .host
+                .as_ref()
+                .map(|u| s.spawn(|| serve_host_faults(u, &stop)));
+            let note = serve_then_disarm(&mut t.events, &t.bitmap, &mut cb, n);
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let host_faults = match server {
+                Some(h) => Some(
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("host fault thread panicked"))??,
+                ),
+                None => None,
+            };
+            Ok((note?, host_faults))
+        })?;
+        trap_note = match host_faults {
+            Some(n) => format!("{note}host half armed ({n} minor faults served); "),
+            None => format!("{note}no host half on this kernel; "),
+        };
+    }
     let after = wait_status(
         &mut cb,
         Duration::from_secs(120),
@@ -295,8 +403,69 @@ pub fn handover(vmm: &Path, backing: BackingKind) -> Result<Outcome> {
         final_b.failures == 0 && code == Some(0),
         "target ended with exit {code:?}: {final_b:?}"
     );
+    ensure!(
+        final_b.vcpu_status.iter().all(|v| v.error.is_none()),
+        "a target vCPU failed: {final_b:?}"
+    );
     Ok(Outcome::Passed(format!(
-        "{total} pages copied; heartbeats {:?} at pause → {:?} on the target, 0 failures",
+        "{total} pages copied; {trap_note}heartbeats {:?} at pause → {:?} on the target, 0 failures",
         at_pause.heartbeats, after.heartbeats
     )))
+}
+
+/// Installs the first `n` faulted pages, lets every vCPU block on a marked page, checks that
+/// `status` names the pages they wait for, and disarms. Returns a note for the result.
+fn serve_then_disarm(
+    events: &mut VmmClient,
+    bitmap: &UserfaultBitmap,
+    control: &mut VmmClient,
+    n: usize,
+) -> Result<String> {
+    let vcpus = control.status().context("status")?.vcpu_status.len();
+    let mut served = 0;
+    while served < n {
+        let Event::Userfault { page, .. } = events.next_event().context("userfault event")?;
+        // The memory was copied in full: installing is clearing the bit and waking.
+        if bitmap.clear(page) {
+            bitmap.wake_page(page);
+        }
+        served += 1;
+    }
+    let waiting = wait_status(
+        control,
+        Duration::from_secs(60),
+        "every vCPU waiting for a page",
+        |s| s.vcpu_status.iter().all(|v| v.waiting.is_some()),
+    )?;
+    let pages: Vec<u64> = waiting
+        .vcpu_status
+        .iter()
+        .filter_map(|v| v.waiting.map(|w| w.page))
+        .collect();
+    for p in &pages {
+        ensure!(
+            bitmap.is_marked(*p),
+            "status says a vCPU waits for page {p}, which is not marked"
+        );
+    }
+    ensure!(
+        control
+            .kvm_userfault_disarm()
+            .context("kvm_userfault_disarm")?
+            == VmState::Running,
+        "target not running after disarming"
+    );
+    let after = wait_status(
+        control,
+        Duration::from_secs(60),
+        "vCPUs released by disarming",
+        |s| s.vcpu_status.iter().all(|v| v.waiting.is_none()),
+    )?;
+    ensure!(
+        after.vcpu_status.iter().all(|v| v.error.is_none()),
+        "a vCPU failed when the trap went away: {after:?}"
+    );
+    Ok(format!(
+        "KVM Userfault: {served} faults served, then {vcpus} vCPUs waited on pages {pages:?} and were released by disarming; "
+    ))
 }

@@ -40,9 +40,9 @@ const KERNEL_TROUBLE: &[&str] = &[
     "KASAN:",
 ];
 
-/// The migration demo joins the matrix here once `faultline demo` exists: pass its binary with
-/// `--extra-bin` and its command with `--exec-test migration-demo='faultline demo …'` (as the
-/// `kernel-matrix` script will), and it runs inside every kernel like the tests below.
+/// Each kernel's plan: the capability check, the KVM Userfault tests on kernels that carry it,
+/// the VMM's tests and the benchmarks everywhere. The migration demo joins through
+/// `--extra-bin` and `--exec-test` (as `e2e/kernel-matrix` does) and runs after them.
 fn planned_tests(spec: &KernelSpec, only: &[String]) -> Vec<String> {
     if !only.is_empty() {
         return only.to_vec();
@@ -52,6 +52,7 @@ fn planned_tests(spec: &KernelSpec, only: &[String]) -> Vec<String> {
         tests.extend(guest::userfault_tests().map(String::from));
     }
     tests.extend(guest::vmm_tests().map(String::from));
+    tests.extend(guest::bench_tests().map(String::from));
     tests
 }
 

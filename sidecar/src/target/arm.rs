@@ -11,7 +11,7 @@ use faultline::sys::uffd::Userfaultfd;
 use faultline::trap::kvm_userfault::UserfaultBitmap;
 use faultline::trap::{self, Armed, Backend};
 use faultline::vmm_protocol::VmmClient;
-use faultline::vmm_protocol::messages::UffdMode;
+use faultline::vmm_protocol::messages::{ErrorCode, UffdMode};
 
 use super::Target;
 use crate::migration::Stop;
@@ -66,15 +66,8 @@ impl Target<'_> {
                 (Some(Armed::Userfaultfd(Userfaultfd::from(fd))), None)
             }
             Some(Backend::KvmUserfault) => {
-                // The VMM reports faults on the connection that armed it: a second one.
-                let mut events = VmmClient::connect(&self.sidecar.vmm_socket)
-                    .context("cannot open the VMM's event connection")?;
-                let (reply, fd) = events
-                    .kvm_userfault_arm()
-                    .context("the VMM could not arm KVM Userfault")?;
-                let bitmap = UserfaultBitmap::open_shared(fd, reply.pages)
-                    .context("cannot map the VMM's userfault bitmap")?;
-                (Some(Armed::KvmUserfault(bitmap)), Some(events))
+                let (bitmap, host, events) = self.arm_kvm_userfault(backing)?;
+                (Some(Armed::KvmUserfault { bitmap, host }), Some(events))
             }
         };
         let installer = Installer::new(mem, armed);
@@ -91,6 +84,54 @@ impl Target<'_> {
                 .context("cannot start preallocating memory")?;
         }
         Ok(ArmedTrap { installer, events })
+    }
+
+    /// Arms KVM Userfault on a second VMM connection, which then carries the fault events.
+    /// On guest_memfd memory the VMM is asked to trap its own and KVM's accesses too (the
+    /// host half); where its kernel cannot, the arming is retried without it and the
+    /// migration says that those accesses go untrapped. Not on memfd memory: there, minor mode
+    /// reports only pages already in the file, so a page that was never sent would read as
+    /// zeros untrapped (memfd migrates under userfaultfd's missing mode by default, which
+    /// traps every access).
+    fn arm_kvm_userfault(
+        &mut self,
+        backing: BackingKind,
+    ) -> Result<(UserfaultBitmap, Option<Userfaultfd>, VmmClient), Stop> {
+        let connect = || {
+            VmmClient::connect(&self.sidecar.vmm_socket)
+                .context("cannot open the VMM's event connection")
+        };
+        let mut events = connect()?;
+        let want_host = backing == BackingKind::GuestMemfd;
+        let (reply, fd, host) = match events.kvm_userfault_arm(want_host) {
+            Ok(armed) => armed,
+            Err(e)
+                if want_host
+                    && e.refusal()
+                        .is_some_and(|r| r.code == ErrorCode::Unavailable) =>
+            {
+                let why = e.to_string();
+                tracing::warn!(
+                    "KVM's own accesses to pages not yet arrived will not be trapped: {why}"
+                );
+                self.m.set_message(format!(
+                    "KVM Userfault traps vCPU accesses only; KVM's own accesses are not trapped: {why}"
+                ));
+                events = connect()?;
+                events
+                    .kvm_userfault_arm(false)
+                    .context("the VMM could not arm KVM Userfault")?
+            }
+            Err(e) => {
+                return Err(Stop::from(
+                    anyhow::Error::new(e).context("the VMM could not arm KVM Userfault"),
+                ));
+            }
+        };
+        let bitmap = UserfaultBitmap::open_shared(fd, reply.pages)
+            .context("cannot map the VMM's userfault bitmap")?;
+        tracing::info!(host_accesses = host.is_some(), "KVM Userfault armed");
+        Ok((bitmap, host.map(Userfaultfd::from), events))
     }
 
     /// Every page is valid: the VMM drops the trap (and, for userfaultfd, its own reference).

@@ -39,31 +39,49 @@ const DRAIN_READ_TIMEOUT: Duration = Duration::from_millis(100);
 enum Faults<'a> {
     /// The userfaultfd reports host addresses in the VMM.
     Userfaultfd(&'a Userfaultfd, &'a GuestMemory),
-    /// The VMM reports one page per event under KVM Userfault.
-    Vmm(&'a mut VmmClient),
+    /// The VMM reports one page per event under KVM Userfault (vCPU accesses); KVM's and the
+    /// VMM's own accesses, when the VMM traps them, arrive on the host userfaultfd.
+    Vmm(
+        &'a mut VmmClient,
+        Option<(&'a Userfaultfd, &'a GuestMemory)>,
+    ),
 }
 
 impl Faults<'_> {
-    fn fd(&self) -> BorrowedFd<'_> {
+    /// The descriptors fault events arrive on (one or two).
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
         match self {
-            Self::Userfaultfd(uffd, _) => uffd.as_fd(),
-            Self::Vmm(client) => client.socket(),
+            Self::Userfaultfd(uffd, _) => vec![uffd.as_fd()],
+            Self::Vmm(client, host) => {
+                let mut fds = vec![client.socket()];
+                fds.extend(host.map(|(uffd, _)| uffd.as_fd()));
+                fds
+            }
         }
     }
 
-    /// Appends the pages of the pending fault events to `pages`.
-    fn read(&mut self, total: u64, pages: &mut Vec<u64>) -> Result<(), Link> {
+    /// Appends the pages of the pending fault events on the descriptors marked ready (in the
+    /// order of [`Faults::fds`]) to `pages`.
+    fn read(&mut self, ready: &[bool], total: u64, pages: &mut Vec<u64>) -> Result<(), Link> {
+        let from_uffd = |uffd: &Userfaultfd, mem: &GuestMemory, pages: &mut Vec<u64>| {
+            faultline::trap::userfaultfd::read_faults(uffd, mem, pages)
+                .map_err(|e| Link::fatal(format!("reading faults: {e}")))
+        };
         match self {
-            Self::Userfaultfd(uffd, mem) => {
-                faultline::trap::userfaultfd::read_faults(uffd, mem, pages)
-                    .map_err(|e| Link::fatal(format!("reading faults: {e}")))
-            }
-            Self::Vmm(client) => {
-                let VmmEvent::Userfault { page, .. } = client
-                    .next_event()
-                    .map_err(|e| Link::fatal(format!("the VMM's userfault events stopped: {e}")))?;
-                if page < total {
-                    pages.push(page);
+            Self::Userfaultfd(uffd, mem) => from_uffd(uffd, mem, pages),
+            Self::Vmm(client, host) => {
+                if ready.first().copied().unwrap_or(false) {
+                    let VmmEvent::Userfault { page, .. } = client.next_event().map_err(|e| {
+                        Link::fatal(format!("the VMM's userfault events stopped: {e}"))
+                    })?;
+                    if page < total {
+                        pages.push(page);
+                    }
+                }
+                if let Some((uffd, mem)) = host
+                    && ready.get(1).copied().unwrap_or(false)
+                {
+                    from_uffd(uffd, mem, pages)?;
                 }
                 Ok(())
             }
@@ -84,7 +102,10 @@ impl Target<'_> {
     ) -> Result<(), Link> {
         let mut faults = match (installer.uffd(), events.as_mut()) {
             (Some(uffd), _) => Faults::Userfaultfd(uffd, installer.memory()),
-            (None, Some(client)) => Faults::Vmm(client),
+            (None, Some(client)) => Faults::Vmm(
+                client,
+                installer.host_uffd().map(|u| (u, installer.memory())),
+            ),
             (None, None) => return Err(Link::fatal("post-copy without a trap")),
         };
         let mut writer = urgent
@@ -108,23 +129,32 @@ impl Target<'_> {
         while !installer.states().all_valid() && !done.load(Ordering::Acquire) {
             // Replies TLS has already decrypted do not show on the socket: look, don't wait.
             let buffered = reader.get_ref().buffered();
-            let fault_fd = faults.fd();
-            let mut fds = [
-                PollFd::new(&fault_fd, PollFlags::IN),
-                PollFd::new(reader.get_ref(), PollFlags::IN),
-            ];
+            let fault_fds = faults.fds();
+            let mut fds: Vec<PollFd> = fault_fds
+                .iter()
+                .map(|fd| PollFd::new(fd, PollFlags::IN))
+                .collect();
+            fds.push(PollFd::new(reader.get_ref(), PollFlags::IN));
             let wait = if buffered { &no_wait } else { &timeout };
             match rustix::event::poll(&mut fds, Some(wait)) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(Link::fatal(format!("poll failed: {e}"))),
             }
-            let (faulting, replied) = (
-                !fds[0].revents().is_empty(),
-                buffered || !fds[1].revents().is_empty(),
-            );
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            let (fault_ready, urgent_ready) = ready.split_at(fault_fds.len());
+            let faulting = fault_ready.iter().any(|&r| r);
+            let replied = buffered || urgent_ready.iter().any(|&r| r);
+            let fault_ready = fault_ready.to_vec();
+            drop(fds);
+            drop(fault_fds);
+            let oldest = lock(waiting).values().min().map(Instant::elapsed);
+            self.sidecar
+                .metrics
+                .oldest_fault_wait
+                .set(oldest.unwrap_or_default().as_secs_f64());
             if faulting {
                 faulted.clear();
-                faults.read(self.total, &mut faulted)?;
+                faults.read(&fault_ready, self.total, &mut faulted)?;
                 requests.clear();
                 for &page in &faulted {
                     match installer.states().fault(page) {
@@ -159,6 +189,7 @@ impl Target<'_> {
                 self.install_batch(installer, &batch, frame.wire_len(), waiting)?;
             }
         }
+        self.sidecar.metrics.oldest_fault_wait.set(0.0);
         // Close gracefully: replies still in flight are read and dropped, so the source sees
         // an orderly end rather than a reset.
         let _ = writer.shutdown_write();

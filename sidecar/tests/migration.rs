@@ -657,6 +657,12 @@ fn postcopy_survives_a_broken_link() {
     let (src, dst) = finish_and_verify(&mut p, "relink");
     assert!(src.progress.reconnects >= 1 && dst.progress.reconnects >= 1);
     assert!(!src.vm_lost && !dst.vm_lost);
+    // The target exported how long its oldest fault waited, and nothing waits any more.
+    let metrics = p.dst.sidecar.client().metrics().expect("target metrics");
+    assert!(
+        metrics.contains("faultline_sidecar_oldest_fault_wait_seconds 0.0"),
+        "{metrics}"
+    );
 }
 
 /// Only the operator drives a sidecar. A stranger asks the source to migrate its VM to a

@@ -31,6 +31,9 @@ pub struct VmVariant<'a> {
     /// Give every page data before the guest starts (faultline-vmm `--prefill`), so that every
     /// page costs bandwidth: zero pages cross as markers only.
     pub prefill: bool,
+    /// faultline-vmm's `--dirty-rate` preset, when not the example's (moderate). A moderate
+    /// guest writes as fast as its emulated vCPU runs, which varies by machine and hour.
+    pub dirty_rate: Option<&'a str>,
 }
 
 /// The example pod with the variant's name, memory (and pod memory that covers it), backing
@@ -59,6 +62,9 @@ pub fn variant(example: &Value, v: &VmVariant<'_>) -> Result<Value> {
     }
     if v.prefill {
         args.push(json!("--prefill"));
+    }
+    if let Some(rate) = v.dirty_rate {
+        args.push(json!(format!("--dirty-rate={rate}")));
     }
     let mib = parse_mib(v.memory)?;
     // As the example does: the pod's memory covers guest RAM and both processes, whichever

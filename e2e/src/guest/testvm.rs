@@ -213,7 +213,27 @@ impl TestVm {
     pub fn set_memslot(&self, slot: &Memslot) -> std::result::Result<(), i32> {
         // SAFETY: callers keep the memory and bitmap named by `slot` alive until the VM is
         // dropped or the memslot is deleted; KVM validates the rest.
-        unsafe { self.vm.set_user_memory_region2(slot.region2()) }.map_err(|e| e.errno())
+        match unsafe { self.vm.set_user_memory_region2(slot.region2()) } {
+            Ok(()) => Ok(()),
+            // Kernels before 6.8 have only KVM_SET_USER_MEMORY_REGION, which can describe a
+            // plain memslot (no guest_memfd, no userfault bitmap) too.
+            Err(e)
+                if e.errno() == libc::ENOTTY
+                    && slot.guest_memfd.is_none()
+                    && slot.userfault_bitmap.is_none() =>
+            {
+                let r = kvm_bindings::kvm_userspace_memory_region {
+                    slot: slot.slot,
+                    flags: slot.flags(),
+                    guest_phys_addr: slot.guest_phys_addr,
+                    memory_size: slot.memory_size,
+                    userspace_addr: slot.userspace_addr,
+                };
+                // SAFETY: as above.
+                unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| e.errno())
+            }
+            Err(e) => Err(e.errno()),
+        }
     }
 
     /// Creates an mmap-able, initially shared guest_memfd of `size` bytes and maps it.

@@ -659,6 +659,26 @@ impl HugeFixture {
         expect(vcpu, Event::Halted, "end of walk")
     }
 
+    /// The fixture with vCPU 0 having walked it once without any flag, and the 2 MiB mappings
+    /// that walk made (at least one, or the tests could not tell). The inner `Err` says why
+    /// the kernel cannot run them.
+    #[allow(clippy::type_complexity)]
+    fn walked_baseline() -> Result<std::result::Result<(Self, kvm_ioctls::VcpuFd, u64), String>> {
+        let f = match Self::new()? {
+            Ok(f) => f,
+            Err(why) => return Ok(Err(why)),
+        };
+        f.set(false, false)?;
+        let mut vcpu = f.vm.vcpu(0, &f.table)?;
+        f.walk(&mut vcpu)?;
+        let baseline = f.huge()?;
+        ensure!(
+            baseline >= 1,
+            "baseline: no 2M mappings without KVM Userfault (pages_2m = {baseline}), so the test cannot tell"
+        );
+        Ok(Ok((f, vcpu, baseline)))
+    }
+
     /// Puts the walk back in vCPU 0's table and walks.
     fn set_table_walk(&self, vcpu: &mut kvm_ioctls::VcpuFd) -> Result<()> {
         self.vm.set_table(0, &self.table)?;
@@ -674,18 +694,10 @@ impl HugeFixture {
 /// huge pages is mapped with 2 MiB pages without the flag (the baseline), with none while the
 /// flag is on, and gets 2 MiB mappings back when the flag is turned off.
 pub fn only_4k_mappings() -> Result<Outcome> {
-    let f = match HugeFixture::new()? {
-        Ok(f) => f,
+    let (f, mut vcpu, baseline) = match HugeFixture::walked_baseline()? {
+        Ok(started) => started,
         Err(why) => return Ok(Outcome::Unavailable(why)),
     };
-    f.set(false, false)?;
-    let mut vcpu = f.vm.vcpu(0, &f.table)?;
-    f.walk(&mut vcpu)?;
-    let baseline = f.huge()?;
-    ensure!(
-        baseline >= 1,
-        "baseline: no 2M mappings without KVM Userfault (pages_2m = {baseline}), so the test cannot tell"
-    );
     f.set(true, false)?;
     let zapped = f.huge()?;
     let before_4k = f.stats.read("pages_4k")?;
@@ -719,17 +731,10 @@ pub fn only_4k_mappings() -> Result<Outcome> {
 /// dirty log must keep recording writes across the change; turning dirty logging off then
 /// recovers them.
 pub fn dirty_log_then_disarm() -> Result<Outcome> {
-    let f = match HugeFixture::new()? {
-        Ok(f) => f,
+    let (f, mut vcpu, _) = match HugeFixture::walked_baseline()? {
+        Ok(started) => started,
         Err(why) => return Ok(Outcome::Unavailable(why)),
     };
-    f.set(false, false)?;
-    let mut vcpu = f.vm.vcpu(0, &f.table)?;
-    f.walk(&mut vcpu)?;
-    ensure!(
-        f.huge()? >= 1,
-        "baseline: no 2M mappings at all, so the test cannot tell"
-    );
     f.set(true, true)?;
     f.walk(&mut vcpu)?;
     ensure!(

@@ -112,6 +112,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         ));
         let demo_args = DemoArgs {
             memory,
+            below_4g: None,
             vcpus: 2,
             backing: args.backing.clone(),
             mode,

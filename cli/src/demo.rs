@@ -12,7 +12,7 @@ use faultline::sidecar_api::{
 };
 use faultline::trap::Backend;
 use faultline::units::{format_size, human_bytes, parse_duration, parse_size};
-use faultline::vmm_protocol::messages::VmStatus;
+use faultline::vmm_protocol::messages::{HelloReply, VmStatus};
 use faultline::wire::Secret;
 use faultline_local::{LocalError, SidecarProcess, VmmProcess};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -60,6 +60,10 @@ pub struct DemoArgs {
     /// Guest RAM (64M to 64G, a multiple of 2M).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub memory: u64,
+    /// How much of the RAM lies below 4 GiB, the rest continuing at 4 GiB in a second memslot
+    /// (the VMM's `--below-4g`; its default is 3G, as on a PC).
+    #[arg(long = "below-4g", value_parser = parse_size)]
+    pub below_4g: Option<u64>,
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
     /// anon, memfd or guest-memfd.
@@ -123,6 +127,12 @@ pub struct GuestVerdict {
 }
 
 #[derive(Serialize, Debug, Clone)]
+pub struct RamRegion {
+    pub guest_phys_addr: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, Debug, Clone)]
 pub struct Report {
     pub result: String,
     pub mode: Mode,
@@ -131,6 +141,8 @@ pub struct Report {
     pub transport: Transport,
     pub backing: String,
     pub memory_bytes: u64,
+    /// RAM's guest-physical regions (one memslot each), as the target VMM reported them.
+    pub ram_regions: Vec<RamRegion>,
     pub vcpus: u32,
     pub dirty_rate: DirtyRate,
     pub total_ms: f64,
@@ -182,7 +194,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let memory = format_size(args.memory);
     let vcpus = args.vcpus.to_string();
     // Both VMMs get the same VM shape; the source runs memtouch, the target waits for it.
-    let vm_args: Vec<String> = [
+    let mut vm_args: Vec<String> = [
         "--memory",
         &memory,
         "--vcpus",
@@ -193,6 +205,9 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(below) = args.below_4g {
+        vm_args.extend(["--below-4g".into(), format_size(below)]);
+    }
     let mut src_args = vm_args.clone();
     src_args.extend(["--dirty-rate".into(), args.dirty_rate.as_str().into()]);
     if args.prefill {
@@ -229,9 +244,23 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         "sidecars up: source API {}, target API {} (migration port {})",
         src.api, dst.api, dst.migration_port
     ));
-    if let Some(why) = postcopy_unavailable(args, &dst_vmm)? {
+    let (target_hello, _fds) = dst_vmm
+        .client()
+        .context("target VMM")?
+        .hello("faultline-demo")
+        .context("target VMM hello")?;
+    if let Some(why) = postcopy_unavailable(args, &target_hello)? {
         return Err(Unavailable(why).into());
     }
+    let ram_regions: Vec<RamRegion> = target_hello
+        .layout
+        .regions
+        .iter()
+        .map(|r| RamRegion {
+            guest_phys_addr: r.guest_phys_addr,
+            bytes: r.size,
+        })
+        .collect();
     step(&format!("letting the guest run for {:?}", args.warmup));
     std::thread::sleep(args.warmup);
 
@@ -319,6 +348,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
             .context("source status")?;
         let report = report_from(
             args,
+            &ram_regions,
             &final_src,
             &final_dst,
             GuestVerdict {
@@ -341,7 +371,13 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let _ = src_vmm.wait(Duration::from_secs(30));
     let verdict = verify(&dst_vmm, args.verify_for)?;
     let _ = dst_vmm.shutdown();
-    Ok(report_from(args, &final_src, &final_dst, verdict))
+    Ok(report_from(
+        args,
+        &ram_regions,
+        &final_src,
+        &final_dst,
+        verdict,
+    ))
 }
 
 /// This kernel cannot do what was asked (reported as such, not as a failure).
@@ -352,15 +388,10 @@ pub struct Unavailable(pub String);
 /// The demo is about post-copy: in post-copy and hybrid mode it needs a trap on the target for
 /// this memory, and says why there is none, if so (the rule the target sidecar applies,
 /// `faultline::trap::choose`, on the same VMM's offers, with no fallback to pre-copy).
-fn postcopy_unavailable(args: &DemoArgs, target: &VmmProcess) -> anyhow::Result<Option<String>> {
+fn postcopy_unavailable(args: &DemoArgs, hello: &HelloReply) -> anyhow::Result<Option<String>> {
     if args.mode == ModeArg::Precopy {
         return Ok(None);
     }
-    let (hello, _fds) = target
-        .client()
-        .context("target VMM")?
-        .hello("faultline-demo")
-        .context("target VMM hello")?;
     let backing = hello
         .layout
         .regions
@@ -416,6 +447,7 @@ fn verify(vmm: &VmmProcess, how_long: Duration) -> anyhow::Result<GuestVerdict> 
 
 fn report_from(
     args: &DemoArgs,
+    ram_regions: &[RamRegion],
     s: &MigrationStatus,
     d: &MigrationStatus,
     guest: GuestVerdict,
@@ -432,6 +464,7 @@ fn report_from(
         transport: s.transport,
         backing: args.backing.clone(),
         memory_bytes: args.memory,
+        ram_regions: ram_regions.to_vec(),
         vcpus: args.vcpus,
         dirty_rate: args.dirty_rate,
         total_ms: s.elapsed_s * 1e3,
@@ -465,6 +498,14 @@ fn print_report(r: &Report) {
     );
     if let Some(e) = &r.error {
         println!("  error:            {e}");
+    }
+    if r.ram_regions.len() > 1 {
+        let regions: Vec<String> = r
+            .ram_regions
+            .iter()
+            .map(|g| format!("{} at {:#x}", format_size(g.bytes), g.guest_phys_addr))
+            .collect();
+        println!("  RAM regions:      {}", regions.join(", "));
     }
     println!(
         "  trap:             {}",

@@ -270,6 +270,61 @@ fn postcopy_heavy_dirty_rate_races_the_push() {
     }
 }
 
+/// RAM split around the hole below 4 GiB as a PC splits it (here at 64 MiB): two memslots,
+/// the second at guest-physical 4 GiB. A hybrid migration reads KVM's dirty log of both slots
+/// in its pre-copy passes, then the guest faults on pages of both during post-copy.
+#[test]
+fn ram_split_around_the_4g_hole_migrates() {
+    if !kvm_available() {
+        return;
+    }
+    for backing in ["memfd", "anon"] {
+        let (src, dst) = migrate_and_verify(
+            &format!("split-{backing}"),
+            backing,
+            2,
+            policy(Mode::Hybrid, 2),
+            &["--below-4g", "64M", "--dirty-rate", "heavy"],
+        );
+        assert!(src.progress.precopy_rounds >= 1, "{src:#?}");
+        assert!(dst.trap.is_some());
+        assert_eq!(
+            dst.progress.transferred_pages,
+            src.progress.transferred_pages
+        );
+    }
+}
+
+/// A target VMM whose RAM is laid out differently (one memslot where the source has two) is
+/// refused before any page moves, and the source runs on.
+#[test]
+fn a_target_with_another_ram_layout_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let tag = "layout";
+    let src_args: Vec<String> = ["--memory", "128M", "--below-4g", "64M"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let dst_args: Vec<String> = ["--memory", "128M", "--incoming"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let p = Pair {
+        src: side(&format!("{tag}-src"), &src_args),
+        dst: side(&format!("{tag}-dst"), &dst_args),
+    };
+    let secret = Secret::generate().expect("secret");
+    start(&p, tag, &policy(Mode::PreCopy, 8), &secret, &secret);
+    let s = wait_terminal(&p.src, tag, Duration::from_secs(60));
+    assert_eq!(s.phase, Phase::Failed, "{s:#?}");
+    assert!(s.message.contains("layouts differ"), "{}", s.message);
+    assert!(!s.committed);
+    assert_eq!(s.progress.transferred_pages, 0);
+    assert_source_keeps_running(&p);
+}
+
 /// A pre-copy that stays in its first pass for many seconds, whatever the load on the host:
 /// its bandwidth is capped (256 MiB at 16 MB/s is 16 s), and it could not converge anyway.
 fn endless_precopy() -> Policy {

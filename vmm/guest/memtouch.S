@@ -1,7 +1,8 @@
 /*
  * memtouch: Faultline's self-verifying memory workload (guest ABI: docs/guest-abi.md).
  *
- * Every working-set page carries content derived from its guest page frame number (gfn) and
+ * Every working-set page carries content derived from its page number (gfn: virtual address
+ * / 4096, which the VMM's page tables make the global page number of RAM) and
  * a 32-bit generation kept in a table in guest memory:
  *   generation 0  -> the page was never written and must read as zeros;
  *   generation g  -> word k of the page holds ((gfn << 32) | g) + k.

@@ -1,10 +1,12 @@
-//! The guest's starting point: the boot image written into RAM (GDT, identity page tables,
-//! program, arguments) and the 64-bit register state every vCPU starts from, as
+//! The guest's starting point: the boot image written into RAM (GDT, page tables mapping RAM
+//! linearly, program, arguments) and the 64-bit register state every vCPU starts from, as
 //! `docs/guest-abi.md` specifies. Only for fresh VMs: an incoming VM gets all of this from its
 //! source, so nothing here runs in incoming mode.
 
 use faultline::sys::MmapRegion;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use crate::ram_map::RamMap;
 
 /// Global descriptor table: null, 64-bit code (selector 0x08), data (selector 0x10).
 pub const GDT_ADDR: u64 = 0x1000;
@@ -66,13 +68,21 @@ pub enum BootError {
     Write(#[from] faultline::sys::MmapError),
 }
 
-/// Writes the GDT, the identity map of all RAM, the arguments and the program.
+/// Writes the GDT, the page tables, the arguments and the program. Everything lands in the
+/// first 2 MiB of RAM, which is always at guest-physical 0, so RAM offsets are guest-physical
+/// addresses here.
+///
+/// The page tables map the guest's virtual addresses 0 .. RAM size onto RAM's parts in order:
+/// the identity below the hole, and past it virtual address X at guest-physical
+/// 4 GiB + (X − RAM below 4 GiB). A program sees one contiguous RAM whatever the split, and
+/// its virtual page numbers are the layout's global page numbers.
 pub fn write_boot_image(
     ram: &MmapRegion,
-    ram_size: u64,
+    map: &RamMap,
     program: &[u8],
     args: &[u64],
 ) -> Result<(), BootError> {
+    let ram_size = map.size();
     if !(64 << 20..=MAX_RAM).contains(&ram_size) || !ram_size.is_multiple_of(RAM_ALIGN) {
         return Err(BootError::BadRamSize(ram_size));
     }
@@ -89,7 +99,7 @@ pub fn write_boot_image(
     let gdt: [u64; 3] = [0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
     ram.write(GDT_ADDR, &words(&gdt))?;
 
-    // PML4[0] -> PDPT; PDPT[g] -> PD for GiB g; each PD maps 512 x 2 MiB.
+    // PML4[0] -> PDPT; PDPT[g] -> PD for virtual GiB g; each PD maps 512 x 2 MiB.
     ram.write(
         PML4_ADDR,
         &(PDPT_ADDR | PTE_PRESENT | PTE_WRITE).to_le_bytes(),
@@ -101,7 +111,11 @@ pub fn write_boot_image(
         .collect();
     ram.write(PDPT_ADDR, &words(&pdpt))?;
     let pds: Vec<u64> = (0..huge_pages)
-        .map(|p| (p * RAM_ALIGN) | PTE_PRESENT | PTE_WRITE | PTE_HUGE)
+        .map(|p| {
+            // Every 2 MiB of RAM lies in one part: parts are 2 MiB aligned (RamMap checks).
+            let gpa = map.gpa_of_offset(p * RAM_ALIGN).unwrap_or_default();
+            gpa | PTE_PRESENT | PTE_WRITE | PTE_HUGE
+        })
         .collect();
     ram.write(PD_ADDR, &words(&pds))?;
 
@@ -173,10 +187,14 @@ pub fn entry_regs(index: u32, vcpus: u32, ram_size: u64, nargs: usize) -> kvm_re
 mod tests {
     use super::*;
 
+    fn one_part(size: u64) -> RamMap {
+        RamMap::pc(size, crate::ram_map::DEFAULT_BELOW_4G).unwrap()
+    }
+
     #[test]
     fn image_layout() {
         let ram = MmapRegion::anonymous(64 << 20).unwrap();
-        write_boot_image(&ram, 64 << 20, &[0x90, 0xF4], &[1, 2, 3]).unwrap();
+        write_boot_image(&ram, &one_part(64 << 20), &[0x90, 0xF4], &[1, 2, 3]).unwrap();
         assert_eq!(ram.read_u64(PML4_ADDR).unwrap(), PDPT_ADDR | 3);
         assert_eq!(ram.read_u64(PDPT_ADDR).unwrap(), PD_ADDR | 3);
         assert_eq!(ram.read_u64(PDPT_ADDR + 8).unwrap(), 0, "only 1 GiB mapped");
@@ -190,22 +208,42 @@ mod tests {
     }
 
     #[test]
+    fn ram_past_the_hole_is_mapped_after_low_ram() {
+        let ram = MmapRegion::anonymous(128 << 20).unwrap();
+        let map = RamMap::pc(128 << 20, 64 << 20).unwrap();
+        write_boot_image(&ram, &map, &[0xF4], &[]).unwrap();
+        // Virtual 62 MiB is the last low huge page; virtual 64 MiB is guest-physical 4 GiB.
+        assert_eq!(ram.read_u64(PD_ADDR + 31 * 8).unwrap(), (62 << 20) | 0x83);
+        assert_eq!(ram.read_u64(PD_ADDR + 32 * 8).unwrap(), (4 << 30) | 0x83);
+        assert_eq!(
+            ram.read_u64(PD_ADDR + 63 * 8).unwrap(),
+            ((4 << 30) + (62 << 20)) | 0x83
+        );
+        assert_eq!(ram.read_u64(PD_ADDR + 64 * 8).unwrap(), 0);
+    }
+
+    #[test]
     fn rejects_bad_images() {
         let ram = MmapRegion::anonymous(64 << 20).unwrap();
         assert!(matches!(
-            write_boot_image(&ram, 65 << 20, &[0xF4], &[]),
+            write_boot_image(&ram, &one_part(62 << 20), &[0xF4], &[]),
             Err(BootError::BadRamSize(_))
         ));
         assert!(matches!(
-            write_boot_image(&ram, 64 << 20, &[], &[]),
+            write_boot_image(&ram, &one_part(64 << 20), &[], &[]),
             Err(BootError::EmptyProgram)
         ));
         assert!(matches!(
-            write_boot_image(&ram, 64 << 20, &vec![0; MAX_PROGRAM_LEN + 1], &[]),
+            write_boot_image(
+                &ram,
+                &one_part(64 << 20),
+                &vec![0; MAX_PROGRAM_LEN + 1],
+                &[]
+            ),
             Err(BootError::ProgramTooLarge(_))
         ));
         assert!(matches!(
-            write_boot_image(&ram, 64 << 20, &[0xF4], &[0; MAX_ARGS + 1]),
+            write_boot_image(&ram, &one_part(64 << 20), &[0xF4], &[0; MAX_ARGS + 1]),
             Err(BootError::TooManyArgs(_))
         ));
     }

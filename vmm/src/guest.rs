@@ -88,7 +88,7 @@ impl MemtouchArgs {
 
     /// Writes generation 1 into every working-set page, exactly as memtouch itself would on
     /// first writing them, so that a benchmark's guest memory holds data from the start.
-    /// `write(gpa, bytes)` stores bytes into guest memory.
+    /// `write(offset, bytes)` stores bytes at an offset in RAM (the guest's linear address).
     pub fn prefill(
         &self,
         ram: u64,

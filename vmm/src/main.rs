@@ -9,6 +9,7 @@ mod control;
 mod cpuid;
 mod guest;
 mod memory;
+mod ram_map;
 mod userfault;
 mod vcpu;
 mod vm;
@@ -29,6 +30,7 @@ use faultline::vmm_protocol::messages::{VmState, VmStatus};
 use faultline_vmm::{accounting, state};
 
 use crate::guest::{DirtyRate, MemtouchArgs};
+use crate::ram_map::RamMap;
 use crate::vm::{Vm, VmConfig};
 
 #[derive(Parser, Debug)]
@@ -40,6 +42,10 @@ struct Cli {
     /// Guest RAM, 64M to 64G, a multiple of 2M (e.g. 512M, 4G).
     #[arg(long, default_value = "256M", value_parser = parse_ram)]
     memory: u64,
+    /// How much RAM lies below 4 GiB, as on a PC; the rest starts at guest-physical 4 GiB,
+    /// in a second memslot. A multiple of 2M from 4M to 4G [default: 3G].
+    #[arg(long = "below-4g", value_parser = parse_size_arg)]
+    below_4g: Option<u64>,
     /// What backs guest RAM.
     #[arg(long, default_value = "memfd", value_parser = parse_backing)]
     backing: BackingKind,
@@ -105,6 +111,10 @@ fn parse_ram(s: &str) -> Result<u64, String> {
         return Err(format!("{s} is not a multiple of 2M"));
     }
     Ok(v)
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_backing(s: &str) -> Result<BackingKind, String> {
@@ -210,11 +220,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         control::check_free(path)?;
     }
 
+    let ram = RamMap::pc(
+        cli.memory,
+        cli.below_4g.unwrap_or(ram_map::DEFAULT_BELOW_4G),
+    )?;
     let vm = Arc::new(
         Vm::new(VmConfig {
             id,
             vcpus: cli.vcpus,
-            memory: cli.memory,
+            ram,
             backing: cli.backing,
             incoming: cli.incoming,
             program,
@@ -226,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         vm = vm.id(),
         vcpus = cli.vcpus,
         memory = format_size(cli.memory),
+        memslots = vm.memory().map().parts().len(),
         backing = %cli.backing,
         guest = cli.guest,
         incoming = cli.incoming,
@@ -233,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     );
     if let Some(mt) = memtouch.filter(|_| cli.prefill && !cli.incoming) {
         let started = Instant::now();
-        mt.prefill(cli.memory, |gpa, bytes| vm.memory().write(gpa, bytes))
+        mt.prefill(cli.memory, |offset, bytes| vm.memory().write(offset, bytes))
             .context("prefilling guest memory")?;
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,

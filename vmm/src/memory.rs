@@ -1,6 +1,9 @@
-//! Guest RAM: allocating it on the chosen backing, registering it with KVM as a memslot, and
-//! describing it to the VMM protocol. Owns the memory and its file descriptor; it does not
-//! decide what is written into it (that is `boot`) and never touches vCPUs.
+//! Guest RAM: allocating it on the chosen backing, registering each of its parts with KVM as a
+//! memslot, and describing it to the VMM protocol. Owns the memory and its file descriptor; it
+//! does not decide where the parts lie (that is `ram_map`) or what is written into them (that
+//! is `boot`), and never touches vCPUs.
+//!
+//! RAM is one file and one mapping; memslot `i` is part `i` of the map, at its offset in both.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -14,8 +17,7 @@ use faultline::trap::kvm_userfault::{
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_create_guest_memfd, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, VmFd};
 
-/// The one memslot the reference VMM uses for RAM.
-const RAM_SLOT: u32 = 0;
+use crate::ram_map::{RamMap, RamPart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -32,8 +34,9 @@ pub enum MemoryError {
     },
     #[error(transparent)]
     Map(#[from] faultline::sys::MmapError),
-    #[error("KVM refused the RAM memslot (flags {flags:#x}): {source}")]
+    #[error("KVM refused RAM memslot {slot} (flags {flags:#x}): {source}")]
     Memslot {
+        slot: u32,
         flags: u32,
         #[source]
         source: kvm_ioctls::Error,
@@ -45,13 +48,14 @@ pub struct GuestMemory {
     mapping: MmapRegion,
     /// The memfd or guest_memfd; for anonymous memory, this process's `/proc/self/mem`.
     fd: OwnedFd,
+    map: RamMap,
     size: u64,
 }
 
 impl GuestMemory {
-    /// Allocates `size` bytes of RAM on `backing`. The size must be a multiple of 2 MiB (the
-    /// boot page tables map RAM in 2 MiB pages).
-    pub fn new(vm: &VmFd, backing: BackingKind, size: u64) -> Result<Self, MemoryError> {
+    /// Allocates RAM on `backing`, as much as `map` lays out.
+    pub fn new(vm: &VmFd, backing: BackingKind, map: RamMap) -> Result<Self, MemoryError> {
+        let size = map.size();
         let len = usize::try_from(size).map_err(|_| MemoryError::Create {
             what: "guest RAM",
             source: std::io::Error::other("size does not fit this address space"),
@@ -109,8 +113,13 @@ impl GuestMemory {
             backing,
             mapping,
             fd,
+            map,
             size,
         })
+    }
+
+    pub fn map(&self) -> &RamMap {
+        &self.map
     }
 
     pub fn backing(&self) -> BackingKind {
@@ -133,37 +142,59 @@ impl GuestMemory {
         self.size / PAGE_SIZE
     }
 
-    /// The layout as the VMM protocol describes it: one region at guest-physical 0, whose
-    /// fd is descriptor 0 of the hello reply.
+    /// The layout as the VMM protocol describes it: one region per part of RAM, in order, all
+    /// in descriptor 0 of the hello reply.
     pub fn layout(&self) -> MemoryLayout {
-        let host_addr = self.mapping.as_ptr() as u64;
+        let base = self.mapping.as_ptr() as u64;
         MemoryLayout {
-            regions: vec![Region {
-                guest_phys_addr: 0,
-                size: self.size,
-                backing: self.backing,
-                fd: 0,
-                file_offset: match self.backing {
-                    BackingKind::Anon => host_addr,
-                    BackingKind::Memfd | BackingKind::GuestMemfd => 0,
-                },
-                page_size: PAGE_SIZE,
-                host_addr,
-            }],
+            regions: self
+                .map
+                .parts()
+                .iter()
+                .map(|part| Region {
+                    guest_phys_addr: part.gpa,
+                    size: part.size,
+                    backing: self.backing,
+                    fd: 0,
+                    file_offset: match self.backing {
+                        BackingKind::Anon => base + part.offset,
+                        BackingKind::Memfd | BackingKind::GuestMemfd => part.offset,
+                    },
+                    page_size: PAGE_SIZE,
+                    host_addr: base + part.offset,
+                })
+                .collect(),
         }
     }
 
-    /// Creates or updates the RAM memslot. `log_dirty` turns KVM dirty logging on or off;
-    /// `userfault_bitmap` (the bitmap's address) arms KVM Userfault.
-    pub fn set_memslot(
+    /// Creates or updates every RAM memslot. `log_dirty` turns KVM dirty logging on or off;
+    /// `userfault_bitmap` (the address of the bitmap's first word, page 0 of the global
+    /// numbering) arms KVM Userfault, each memslot on its own slice of that bitmap.
+    pub fn set_memslots(
         &self,
         vm: &VmFd,
         log_dirty: bool,
         userfault_bitmap: Option<u64>,
     ) -> Result<(), MemoryError> {
-        let userspace_addr = self.mapping.as_ptr() as u64;
-        let guest_memfd =
-            (self.backing == BackingKind::GuestMemfd).then(|| (self.fd.as_raw_fd() as u32, 0));
+        for (slot, part) in self.map.parts().iter().enumerate() {
+            // A part starts on a 2 MiB boundary, so its slice starts on a whole bitmap word.
+            let bitmap = userfault_bitmap.map(|addr| addr + part.first_page() / 8);
+            self.set_memslot(vm, slot as u32, part, log_dirty, bitmap)?;
+        }
+        Ok(())
+    }
+
+    fn set_memslot(
+        &self,
+        vm: &VmFd,
+        slot: u32,
+        part: &RamPart,
+        log_dirty: bool,
+        userfault_bitmap: Option<u64>,
+    ) -> Result<(), MemoryError> {
+        let userspace_addr = self.mapping.as_ptr() as u64 + part.offset;
+        let guest_memfd = (self.backing == BackingKind::GuestMemfd)
+            .then(|| (self.fd.as_raw_fd() as u32, part.offset));
         if guest_memfd.is_none() && userfault_bitmap.is_none() {
             // The original ioctl, so kernels without KVM_SET_USER_MEMORY_REGION2 work too.
             let flags = if log_dirty {
@@ -172,50 +203,57 @@ impl GuestMemory {
                 0
             };
             let region = kvm_userspace_memory_region {
-                slot: RAM_SLOT,
+                slot,
                 flags,
-                guest_phys_addr: 0,
-                memory_size: self.size,
+                guest_phys_addr: part.gpa,
+                memory_size: part.size,
                 userspace_addr,
             };
-            // SAFETY: the region describes `self.mapping`, which outlives the VM's use of it
-            // (the VM is dropped before its memory).
-            return unsafe { vm.set_user_memory_region(region) }
-                .map_err(|source| MemoryError::Memslot { flags, source });
+            // SAFETY: the region describes part of `self.mapping`, which outlives the VM's use
+            // of it (the VM is dropped before its memory).
+            return unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                MemoryError::Memslot {
+                    slot,
+                    flags,
+                    source,
+                }
+            });
         }
-        let slot = Memslot {
-            slot: RAM_SLOT,
-            guest_phys_addr: 0,
-            memory_size: self.size,
+        let memslot = Memslot {
+            slot,
+            guest_phys_addr: part.gpa,
+            memory_size: part.size,
             userspace_addr,
             guest_memfd,
             log_dirty_pages: log_dirty,
             userfault_bitmap,
         };
-        // SAFETY: the region describes `self.mapping` and `self.fd`, and the bitmap the caller
-        // keeps alive while the flag is on; all outlive the VM's use of them.
-        unsafe { vm.set_user_memory_region2(slot.region2()) }.map_err(|source| {
+        // SAFETY: the region describes part of `self.mapping` and `self.fd`, and the bitmap
+        // the caller keeps alive while the flag is on; all outlive the VM's use of them.
+        unsafe { vm.set_user_memory_region2(memslot.region2()) }.map_err(|source| {
             MemoryError::Memslot {
-                flags: slot.flags(),
+                slot,
+                flags: memslot.flags(),
                 source,
             }
         })
     }
 
-    /// Writes `data` at guest-physical `gpa` from the VMM side: pwrite for memfd (no page
-    /// tables of ours to fill), the mapping otherwise.
-    pub fn write(&self, gpa: u64, data: &[u8]) -> std::io::Result<()> {
+    /// Writes `data` at `offset` in RAM (the guest's linear address) from the VMM side: pwrite
+    /// for memfd (no page tables of ours to fill), the mapping otherwise.
+    pub fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         match self.backing {
             BackingKind::Memfd => {
                 let mut done = 0;
                 while done < data.len() {
-                    done += rustix::io::pwrite(&self.fd, &data[done..], gpa + done as u64)?;
+                    done += rustix::io::pwrite(&self.fd, &data[done..], offset + done as u64)?;
                 }
                 Ok(())
             }
-            BackingKind::Anon | BackingKind::GuestMemfd => {
-                self.mapping.write(gpa, data).map_err(std::io::Error::other)
-            }
+            BackingKind::Anon | BackingKind::GuestMemfd => self
+                .mapping
+                .write(offset, data)
+                .map_err(std::io::Error::other),
         }
     }
 
@@ -238,9 +276,15 @@ impl GuestMemory {
         }
     }
 
-    /// Reads KVM's dirty bitmap for RAM (and resets it).
+    /// Reads KVM's dirty bitmaps of every memslot (and resets them), as one bitmap in the
+    /// global page numbering: each part is a whole number of words, so the slots' words follow
+    /// each other.
     pub fn collect_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, kvm_ioctls::Error> {
-        vm.get_dirty_log(RAM_SLOT, self.size as usize)
+        let mut words = Vec::with_capacity(self.pages().div_ceil(64) as usize);
+        for (slot, part) in self.map.parts().iter().enumerate() {
+            words.extend(vm.get_dirty_log(slot as u32, part.size as usize)?);
+        }
+        Ok(words)
     }
 }
 

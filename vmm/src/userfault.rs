@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use faultline::layout::PAGE_SIZE;
+use faultline::layout::MemoryLayout;
 use faultline::trap::kvm_userfault::UserfaultBitmap;
 use faultline::vmm_protocol::conn::Connection;
 use faultline::vmm_protocol::frame::FrameKind;
@@ -23,6 +23,8 @@ const WAIT_SLICE: Duration = Duration::from_millis(200);
 
 pub struct Armed {
     pub bitmap: UserfaultBitmap,
+    /// RAM's regions, to turn an exit's guest-physical address into its global page.
+    layout: MemoryLayout,
     events: Mutex<Connection>,
     /// Set once writing an event failed, so the log says it once.
     broken: AtomicBool,
@@ -45,9 +47,10 @@ impl UserfaultTrap {
         }
     }
 
-    pub fn arm(&self, bitmap: UserfaultBitmap, events: Connection) {
+    pub fn arm(&self, bitmap: UserfaultBitmap, events: Connection, layout: MemoryLayout) {
         *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Armed {
             bitmap,
+            layout,
             events: Mutex::new(events),
             broken: AtomicBool::new(false),
             disarmed: AtomicBool::new(false),
@@ -115,13 +118,16 @@ impl UserfaultTrap {
             tracing::debug!(vcpu, gpa, "userfault exit after disarming; re-entering");
             return Ok(());
         };
-        let page = gpa / PAGE_SIZE;
-        if page >= armed.bitmap.pages() {
+        let Some(page) = armed
+            .layout
+            .page_of_gpa(gpa)
+            .filter(|&p| p < armed.bitmap.pages())
+        else {
             return Err(format!(
-                "userfault at {gpa:#x}, outside the bitmap's {} pages",
-                armed.bitmap.pages()
+                "userfault at {gpa:#x}, outside RAM's {} regions",
+                armed.layout.regions.len()
             ));
-        }
+        };
         if !armed.bitmap.is_marked(page) {
             return Ok(()); // installed between KVM's check and ours
         }
@@ -159,7 +165,38 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
+    use faultline::layout::{BackingKind, PAGE_SIZE, Region};
+
+    /// RAM of `sizes` bytes per region: the first at guest-physical 0, each next one 4 GiB
+    /// further up.
+    fn layout(sizes: &[u64]) -> MemoryLayout {
+        let mut offset = 0;
+        let regions = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let r = Region {
+                    guest_phys_addr: (i as u64) << 32,
+                    size,
+                    backing: BackingKind::Memfd,
+                    fd: 0,
+                    file_offset: offset,
+                    page_size: PAGE_SIZE,
+                    host_addr: 0x7f00_0000_0000 + offset,
+                };
+                offset += size;
+                r
+            })
+            .collect();
+        MemoryLayout { regions }
+    }
+
     fn armed_trap(pages: u64) -> (Arc<UserfaultTrap>, UserfaultBitmap, UnixStream) {
+        armed_trap_with(&[pages * PAGE_SIZE])
+    }
+
+    fn armed_trap_with(sizes: &[u64]) -> (Arc<UserfaultTrap>, UserfaultBitmap, UnixStream) {
+        let pages = sizes.iter().sum::<u64>() / PAGE_SIZE;
         let trap = Arc::new(UserfaultTrap::new(2));
         let bitmap = UserfaultBitmap::create_shared(pages).unwrap();
         let sidecar_view = UserfaultBitmap::open_shared(
@@ -168,8 +205,38 @@ mod tests {
         )
         .unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        trap.arm(bitmap, Connection::new(ours));
+        trap.arm(bitmap, Connection::new(ours), layout(sizes));
         (trap, sidecar_view, theirs)
+    }
+
+    /// An exit in the second memslot names the page in the global numbering: the first
+    /// region's pages come first.
+    #[test]
+    fn an_exit_above_the_hole_waits_on_its_global_page() {
+        let (trap, sidecar, events) = armed_trap_with(&[64 * PAGE_SIZE, 128 * PAGE_SIZE]);
+        let gpa = (1 << 32) + 7 * PAGE_SIZE + 0x18;
+        let waiter = {
+            let trap = trap.clone();
+            std::thread::spawn(move || trap.wait_for(0, gpa, || true))
+        };
+        let mut conn = Connection::new(events.try_clone().unwrap());
+        let event: Event = serde_json::from_slice(&conn.read_frame().unwrap().json).unwrap();
+        assert_eq!(
+            event,
+            Event::Userfault {
+                vcpu: 0,
+                gpa,
+                page: 71
+            }
+        );
+        while sidecar.sleepers() == 0 {
+            std::thread::yield_now();
+        }
+        sidecar.clear(71);
+        sidecar.wake_page(71);
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+        // The hole between the regions is not RAM.
+        assert!(trap.wait_for(0, 1 << 31, || true).is_err());
     }
 
     /// The disarm race: a vCPU exits on a marked page, `kvm_userfault_disarm` completes, and

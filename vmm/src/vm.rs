@@ -24,6 +24,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::accounting::Accounting;
 use crate::boot;
 use crate::memory::{GuestMemory, MemoryError};
+use crate::ram_map::RamMap;
 use crate::state::{self, Meta, VcpuState as KvmVcpuState};
 use crate::userfault::UserfaultTrap;
 use crate::vcpu::{self, RunControl, Vcpu};
@@ -33,7 +34,7 @@ pub const VMM_NAME: &str = concat!("faultline-vmm/", env!("CARGO_PKG_VERSION"));
 pub struct VmConfig {
     pub id: String,
     pub vcpus: u32,
-    pub memory: u64,
+    pub ram: RamMap,
     pub backing: BackingKind,
     pub incoming: bool,
     /// The program and its arguments; ignored in incoming mode.
@@ -106,8 +107,9 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let memory = GuestMemory::new(&vm_fd, config.backing, config.memory)?;
-        memory.set_memslot(&vm_fd, false, None)?;
+        let ram_size = config.ram.size();
+        let memory = GuestMemory::new(&vm_fd, config.backing, config.ram)?;
+        memory.set_memslots(&vm_fd, false, None)?;
         let dirty_log_cap = probe_dirty_log(&vm_fd, &memory);
         let userfault_cap = if config.incoming {
             probe_kvm_userfault(&vm_fd, &memory)
@@ -137,7 +139,7 @@ impl Vm {
         if !config.incoming {
             boot::write_boot_image(
                 memory.mapping(),
-                config.memory,
+                memory.map(),
                 &config.program,
                 &config.args,
             )?;
@@ -170,7 +172,7 @@ impl Vm {
                 fd.set_regs(&boot::entry_regs(
                     index,
                     config.vcpus,
-                    config.memory,
+                    ram_size,
                     config.args.len(),
                 ))
                 .map_err(e("KVM_SET_REGS"))?;
@@ -467,7 +469,7 @@ impl Vm {
         }
         if !ops.dirty_log {
             self.memory
-                .set_memslot(&self.vm_fd, true, None)
+                .set_memslots(&self.vm_fd, true, None)
                 .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
             ops.dirty_log = true;
         }
@@ -494,7 +496,7 @@ impl Vm {
         let mut ops = self.ops();
         if ops.dirty_log {
             self.memory
-                .set_memslot(&self.vm_fd, false, None)
+                .set_memslots(&self.vm_fd, false, None)
                 .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
             ops.dirty_log = false;
         }
@@ -628,9 +630,9 @@ impl Vm {
         };
         // Turning the flag on zaps the memslot's mappings, so no page stays mapped unmarked.
         self.memory
-            .set_memslot(&self.vm_fd, ops.dirty_log, Some(bitmap.user_addr()))
+            .set_memslots(&self.vm_fd, ops.dirty_log, Some(bitmap.user_addr()))
             .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
-        self.userfault.arm(bitmap, events);
+        self.userfault.arm(bitmap, events, self.memory.layout());
         ops.uffd = host;
         tracing::info!(pages, host_accesses, "KVM Userfault armed");
         Ok((
@@ -687,7 +689,7 @@ impl Vm {
         let mut ops = self.ops();
         if let Some(armed) = self.userfault.current() {
             self.memory
-                .set_memslot(&self.vm_fd, ops.dirty_log, None)
+                .set_memslots(&self.vm_fd, ops.dirty_log, None)
                 .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
             self.userfault.disarm();
             tracing::info!(
@@ -851,7 +853,7 @@ fn probe_dirty_log(vm: &VmFd, memory: &GuestMemory) -> Capability {
     )
 }
 
-/// Probes a memslot flag by setting it on the RAM memslot and clearing it again, before any
+/// Probes a memslot flag by setting it on the RAM memslots and clearing it again, before any
 /// vCPU runs.
 fn probe_memslot_flag(
     vm: &VmFd,
@@ -861,9 +863,9 @@ fn probe_memslot_flag(
     log_dirty: bool,
     userfault_bitmap: Option<u64>,
 ) -> Capability {
-    match memory.set_memslot(vm, log_dirty, userfault_bitmap) {
+    match memory.set_memslots(vm, log_dirty, userfault_bitmap) {
         Ok(()) => {
-            if let Err(e) = memory.set_memslot(vm, false, None) {
+            if let Err(e) = memory.set_memslots(vm, false, None) {
                 tracing::warn!("turning the {name} probe off failed: {e}");
             }
             Capability::available(name)

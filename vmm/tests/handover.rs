@@ -7,21 +7,28 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use faultline::layout::MemoryLayout;
 use faultline::vmm_protocol::messages::{ErrorCode, VmState};
 
 const RAM: &str = "128M";
-const RAM_BYTES: u64 = 128 << 20;
 
 fn handover(backing: &str, vcpus: u32) {
+    handover_with(backing, vcpus, &[]);
+}
+
+/// A hand-over of VMs started with `extra` arguments too; returns A's layout.
+fn handover_with(backing: &str, vcpus: u32, extra: &[&str]) -> Option<MemoryLayout> {
     if !kvm_available() {
-        return;
+        return None;
     }
     let n = vcpus.to_string();
-    let common_args = ["--memory", RAM, "--vcpus", &n, "--backing", backing];
-    let mut a = start(&format!("ho-src-{backing}-{vcpus}"), &common_args);
+    let mut common_args = vec!["--memory", RAM, "--vcpus", &n, "--backing", backing];
+    common_args.extend_from_slice(extra);
+    let tag = format!("{backing}-{vcpus}{}", extra.concat());
+    let mut a = start(&format!("ho-src-{tag}"), &common_args);
     let mut b_args = common_args.to_vec();
     b_args.push("--incoming");
-    let mut b = start(&format!("ho-dst-{backing}-{vcpus}"), &b_args);
+    let mut b = start(&format!("ho-dst-{tag}"), &b_args);
     let mut ca = client(&a);
     let mut cb = client(&b);
 
@@ -56,9 +63,11 @@ fn handover(backing: &str, vcpus: u32) {
     let mem_a = memory(&hello_a, fds_a);
     let mem_b = memory(&hello_b, fds_b);
     let mut page = vec![0u8; 1 << 20];
-    for gpa in (0..RAM_BYTES).step_by(page.len()) {
-        mem_a.read_at(gpa, &mut page);
-        mem_b.write_at(gpa, &page);
+    for region in &hello_a.layout.regions {
+        for gpa in (region.guest_phys_addr..region.end()).step_by(page.len()) {
+            mem_a.read_at(gpa, &mut page);
+            mem_b.write_at(gpa, &page);
+        }
     }
     assert_eq!(cb.restore_state(&blob).expect("restore B"), VmState::Paused);
     // Source commits: from here on it must never run again.
@@ -106,6 +115,37 @@ fn handover(backing: &str, vcpus: u32) {
     let (final_b, code) = b.shutdown().expect("shutdown");
     assert_eq!(final_b.failures, 0);
     assert_eq!(code, 0);
+    Some(hello_a.layout)
+}
+
+/// RAM split as a PC splits it, here at 64 MiB instead of 3 GiB: two memslots, the second
+/// at guest-physical 4 GiB, both in one file. The guest's page tables put the high part right
+/// after the low one, so memtouch's sweep covers both.
+fn split_handover(backing: &str) {
+    let Some(layout) = handover_with(backing, 2, &["--below-4g", "64M"]) else {
+        return;
+    };
+    let regions: Vec<(u64, u64)> = layout
+        .regions
+        .iter()
+        .map(|r| (r.guest_phys_addr, r.size))
+        .collect();
+    assert_eq!(regions, [(0, 64 << 20), (4 << 30, 64 << 20)]);
+}
+
+#[test]
+fn handover_split_ram_memfd() {
+    split_handover("memfd");
+}
+
+#[test]
+fn handover_split_ram_guest_memfd() {
+    split_handover("guest-memfd");
+}
+
+#[test]
+fn handover_split_ram_anon() {
+    split_handover("anon");
 }
 
 #[test]

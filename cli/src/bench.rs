@@ -113,6 +113,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         let demo_args = DemoArgs {
             memory,
             below_4g: None,
+            bandwidth_limit: 0,
+            restart_target_sidecar: false,
             vcpus: 2,
             backing: args.backing.clone(),
             mode,

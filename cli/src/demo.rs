@@ -93,6 +93,14 @@ pub struct DemoArgs {
     /// network you trust).
     #[arg(long, value_enum, default_value = "tls")]
     pub transport: TransportArg,
+    /// Cap the migration stream at this many bytes per second (e.g. 8M); 0: no cap.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub bandwidth_limit: u64,
+    /// Kill the target sidecar once post-copy is under way and vCPUs have faulted, keep it down
+    /// for a second, and start it again: it must rejoin the migration and finish it (a test of
+    /// the restart path; the report counts the restart).
+    #[arg(long)]
+    pub restart_target_sidecar: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -143,6 +151,8 @@ pub struct Report {
     pub memory_bytes: u64,
     /// RAM's guest-physical regions (one memslot each), as the target VMM reported them.
     pub ram_regions: Vec<RamRegion>,
+    /// How often the target sidecar was killed and restarted during the migration.
+    pub target_sidecar_restarts: u32,
     pub vcpus: u32,
     pub dirty_rate: DirtyRate,
     pub total_ms: f64,
@@ -239,7 +249,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let mut src_vmm = start_vmm("demo-src", &src_args)?;
     let mut dst_vmm = start_vmm("demo-dst", &dst_args)?;
     let src = SidecarProcess::start("demo-src", &src_vmm.socket).context("source sidecar")?;
-    let dst = SidecarProcess::start("demo-dst", &dst_vmm.socket).context("target sidecar")?;
+    let mut dst = SidecarProcess::start("demo-dst", &dst_vmm.socket).context("target sidecar")?;
     step(&format!(
         "sidecars up: source API {}, target API {} (migration port {})",
         src.api, dst.api, dst.migration_port
@@ -267,6 +277,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let mut policy = Policy {
         mode: args.mode.into(),
         max_downtime_ms: args.max_downtime_ms,
+        bandwidth_limit: args.bandwidth_limit,
         transport: args.transport.into(),
         ..Policy::default()
     };
@@ -304,9 +315,23 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     } else {
         ProgressBar::hidden()
     };
+    let mut restarts = 0;
     let (final_src, final_dst) = loop {
         let s = sc.status(&id).context("source status")?;
         let d = dc.status(&id).context("target status")?;
+        if args.restart_target_sidecar
+            && restarts == 0
+            && d.phase == Phase::PostCopy
+            && d.progress.faults > 0
+        {
+            bar.suspend(|| {
+                step("killing the target sidecar in the middle of post-copy; it restarts in 1 s")
+            });
+            dst.restart(Duration::from_secs(1))
+                .context("restarting the target sidecar")?;
+            restarts += 1;
+            continue;
+        }
         let total = s.progress.total_pages.max(1);
         bar.set_length(total);
         // Pre-copy: how far the source got (a later pass starts again); afterwards: what the
@@ -333,6 +358,11 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         std::thread::sleep(Duration::from_millis(100));
     };
     bar.finish_and_clear();
+    if args.restart_target_sidecar && restarts == 0 && final_src.phase == Phase::Completed {
+        bail!(
+            "post-copy ended before the target sidecar could be restarted: cap the bandwidth (--bandwidth-limit) or give the VM more memory"
+        );
+    }
 
     if final_src.phase != Phase::Completed {
         step(&format!(
@@ -349,6 +379,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         let report = report_from(
             args,
             &ram_regions,
+            restarts,
             &final_src,
             &final_dst,
             GuestVerdict {
@@ -374,6 +405,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     Ok(report_from(
         args,
         &ram_regions,
+        restarts,
         &final_src,
         &final_dst,
         verdict,
@@ -448,6 +480,7 @@ fn verify(vmm: &VmmProcess, how_long: Duration) -> anyhow::Result<GuestVerdict> 
 fn report_from(
     args: &DemoArgs,
     ram_regions: &[RamRegion],
+    restarts: u32,
     s: &MigrationStatus,
     d: &MigrationStatus,
     guest: GuestVerdict,
@@ -465,6 +498,7 @@ fn report_from(
         backing: args.backing.clone(),
         memory_bytes: args.memory,
         ram_regions: ram_regions.to_vec(),
+        target_sidecar_restarts: restarts,
         vcpus: args.vcpus,
         dirty_rate: args.dirty_rate,
         total_ms: s.elapsed_s * 1e3,
@@ -498,6 +532,12 @@ fn print_report(r: &Report) {
     );
     if let Some(e) = &r.error {
         println!("  error:            {e}");
+    }
+    if r.target_sidecar_restarts > 0 {
+        println!(
+            "  target sidecar:   killed and restarted {} time(s) mid-migration; it rejoined",
+            r.target_sidecar_restarts
+        );
     }
     if r.ram_regions.len() > 1 {
         let regions: Vec<String> = r

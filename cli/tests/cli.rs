@@ -73,6 +73,31 @@ fn demo_precopy_on_anonymous_memory() {
     assert_eq!(r["guest"]["failures"], 0);
 }
 
+/// The demo's restart switch kills the target sidecar mid-post-copy and starts it again; the
+/// migration still succeeds and the report counts the restart.
+#[test]
+fn demo_survives_a_target_sidecar_restart() {
+    if !kvm_available() {
+        return;
+    }
+    let r = demo(&[
+        "--mode",
+        "postcopy",
+        "--precopy-passes",
+        "0",
+        "--vcpus",
+        "1",
+        "--dirty-rate",
+        "heavy",
+        "--bandwidth-limit",
+        "16M",
+        "--restart-target-sidecar",
+    ]);
+    assert_eq!(r["result"], "succeeded", "{r}");
+    assert_eq!(r["target_sidecar_restarts"], 1);
+    assert_eq!(r["guest"]["failures"], 0);
+}
+
 #[test]
 fn probe_lists_every_backing_and_backend() {
     if !kvm_available() {

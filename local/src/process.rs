@@ -237,6 +237,8 @@ pub struct SidecarProcess {
     /// `host:port` of the control API.
     pub api: String,
     pub migration_port: u16,
+    tag: String,
+    vmm_socket: PathBuf,
     log: PathBuf,
     _dir: PathBuf,
 }
@@ -245,24 +247,39 @@ impl SidecarProcess {
     /// Starts a sidecar for the VMM at `vmm_socket` and waits until it has joined it (ready).
     pub fn start(tag: &str, vmm_socket: &Path) -> Result<Self, LocalError> {
         let sidecar = Self::spawn(tag, vmm_socket)?;
-        let client = sidecar.client();
+        sidecar.wait_ready()?;
+        Ok(sidecar)
+    }
+
+    fn wait_ready(&self) -> Result<(), LocalError> {
+        let client = self.client();
         let deadline = Instant::now() + READY_TIMEOUT;
         while !client.ready() {
             if Instant::now() > deadline {
                 return Err(LocalError::Timeout {
-                    what: format!("faultline-sidecar ({tag})"),
+                    what: format!("faultline-sidecar ({})", self.tag),
                     secs: READY_TIMEOUT.as_secs(),
                 });
             }
             std::thread::sleep(POLL);
         }
-        Ok(sidecar)
+        Ok(())
     }
 
     /// Starts a sidecar and returns once its API listens, joined to its VMM or not (for tests
     /// of what a sidecar answers without one).
     pub fn spawn(tag: &str, vmm_socket: &Path) -> Result<Self, LocalError> {
         let dir = scratch_dir(&format!("{tag}-sidecar"))?;
+        Self::spawn_in(tag, vmm_socket, dir, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    fn spawn_in(
+        tag: &str,
+        vmm_socket: &Path,
+        dir: PathBuf,
+        api: &str,
+        migration: &str,
+    ) -> Result<Self, LocalError> {
         let log = dir.join("sidecar.log");
         let what = format!("faultline-sidecar ({tag})");
         let pki = crate::pki::local()?;
@@ -272,9 +289,11 @@ impl SidecarProcess {
             "--vmm-socket".to_string(),
             vmm_socket.display().to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            api.into(),
             "--migration-listen".into(),
-            "127.0.0.1:0".into(),
+            migration.into(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
         ];
         let mut child = spawn("faultline-sidecar", &args, &what, &log)?;
         let stdout = child.stdout.take().ok_or_else(|| LocalError::Other {
@@ -304,9 +323,31 @@ impl SidecarProcess {
             child,
             api,
             migration_port,
+            tag: tag.to_string(),
+            vmm_socket: vmm_socket.to_path_buf(),
             log,
             _dir: dir,
         })
+    }
+
+    /// Kills the sidecar (SIGKILL: no chance to clean up, as when a container dies), leaves it
+    /// down for `down`, and starts it again on the same ports and state directory, as a kubelet
+    /// restarts a container in its pod; returns once it is ready. Its log so far is kept
+    /// beside the new one.
+    pub fn restart(&mut self, down: Duration) -> Result<(), LocalError> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        let old_log = self._dir.join("sidecar.before-restart.log");
+        let _ = std::fs::rename(&self.log, &old_log);
+        let dir = std::mem::take(&mut self._dir);
+        let api = self.api.clone();
+        let migration = format!("127.0.0.1:{}", self.migration_port);
+        let fresh = Self::spawn_in(&self.tag, &self.vmm_socket, dir, &api, &migration)?;
+        // The old value's child is reaped (kill is then a no-op) and its directory was taken
+        // above, so dropping it removes nothing the new sidecar uses.
+        drop(std::mem::replace(self, fresh));
+        self.wait_ready()
     }
 
     pub fn client(&self) -> crate::SidecarClient {
@@ -327,6 +368,8 @@ impl Drop for SidecarProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
+        if !self._dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self._dir);
+        }
     }
 }

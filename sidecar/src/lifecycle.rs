@@ -95,6 +95,31 @@ pub fn start(
     check_vm(req.role, &vm)?;
     let protection = Protection::new(req.policy.transport, req.role, &secret, &req.id)
         .map_err(|e| StartError::NotReady(format!("cannot set up the migration's TLS: {e}")))?;
+    if req.role == Role::Target
+        && let Some(dir) = &sidecar.state_dir
+        && let Err(e) = crate::record::save(dir, &req)
+    {
+        // The migration works without it; only a restart of this sidecar could not rejoin.
+        tracing::warn!("cannot keep the migration record, a restart could not rejoin: {e:#}");
+    }
+    launch(sidecar, req, secret, protection, Engine::Fresh)
+}
+
+/// How a migration's engine begins.
+enum Engine {
+    Fresh,
+    /// A target rejoining after this sidecar restarted.
+    Rejoin,
+}
+
+/// Makes `req` the current migration and runs its engine on a thread of its own.
+fn launch(
+    sidecar: &Arc<Sidecar>,
+    req: StartMigration,
+    secret: Secret,
+    protection: Protection,
+    engine: Engine,
+) -> Result<(Arc<Migration>, bool), StartError> {
     let m = Arc::new(Migration::new(req, secret, protection));
     // The target's inbox opens before the migration is visible, so the listener never finds
     // a current target migration that cannot take its connections.
@@ -108,9 +133,10 @@ pub fn start(
         .spawn(move || {
             let span = tracing::info_span!("migration", id = %mm.id, role = role_name(mm.role));
             let _in = span.enter();
-            let result = match inbox {
-                None => crate::source::run(&s, &mm),
-                Some(rx) => crate::target::run(&s, &mm, rx),
+            let result = match (inbox, engine) {
+                (None, _) => crate::source::run(&s, &mm),
+                (Some(rx), Engine::Fresh) => crate::target::run(&s, &mm, rx),
+                (Some(rx), Engine::Rejoin) => crate::target::rejoin(&s, &mm, rx),
             };
             finish(&s, &mm, result);
         });
@@ -126,10 +152,43 @@ pub fn start(
     Ok((m, true))
 }
 
+/// Rejoins the target migration an earlier run of this sidecar left a record of, if any: past
+/// its commit point the VM runs here and only this sidecar can finish bringing its memory.
+/// Returns the migration's id.
+pub fn rejoin_recorded(sidecar: &Arc<Sidecar>) -> anyhow::Result<Option<String>> {
+    let Some(dir) = &sidecar.state_dir else {
+        return Ok(None);
+    };
+    let Some(req) = crate::record::load(dir)? else {
+        return Ok(None);
+    };
+    let secret = match check_request(&req) {
+        Ok(s) if req.role == Role::Target => s,
+        Ok(_) => anyhow::bail!("the recorded migration `{}` is not a target's", req.id),
+        Err(e) => anyhow::bail!("the recorded migration `{}` is invalid: {e}", req.id),
+    };
+    let protection = Protection::new(req.policy.transport, req.role, &secret, &req.id)
+        .map_err(|e| anyhow::anyhow!("cannot set up the migration's TLS: {e}"))?;
+    let id = req.id.clone();
+    tracing::warn!(
+        id,
+        "found the record of a migration this sidecar was running; rejoining it"
+    );
+    launch(sidecar, req, secret, protection, Engine::Rejoin)
+        .map_err(|e| anyhow::anyhow!("cannot rejoin migration `{id}`: {e}"))?;
+    Ok(Some(id))
+}
+
 /// Records how an engine ended, in the migration and in the metrics.
 fn finish(sidecar: &Sidecar, m: &Migration, result: Result<(), Stop>) {
     let outcome = m.end(&result);
     m.close_inbox();
+    if m.role == Role::Target
+        && let Some(dir) = &sidecar.state_dir
+        && let Err(e) = crate::record::remove(dir)
+    {
+        tracing::warn!("cannot remove the migration record: {e:#}");
+    }
     sidecar
         .metrics
         .migrations

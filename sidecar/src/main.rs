@@ -17,6 +17,7 @@ mod lifecycle;
 mod metrics;
 mod migration;
 mod node;
+mod record;
 mod serve;
 mod source;
 mod target;
@@ -63,6 +64,11 @@ struct Cli {
     /// the operator's (ca.crt): the namespace's `faultline-sidecar-tls` Secret, mounted.
     #[arg(long, env = "FAULTLINE_TLS_DIR", default_value = TLS_DIR)]
     tls_dir: PathBuf,
+    /// Where a target keeps the record of its migration (secret included, mode 0600), so that
+    /// this sidecar, restarted in the middle of a post-copy, rejoins the migration and finishes
+    /// it. Give it a directory that lives as long as the pod and no longer (an emptyDir).
+    #[arg(long, env = "FAULTLINE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -90,10 +96,17 @@ fn main() -> anyhow::Result<()> {
         .local_addr()
         .context("migration listener address")?
         .port();
-    let sidecar = Arc::new(Sidecar::new(cli.vmm_socket.clone(), migration_port));
+    let sidecar = Arc::new(Sidecar::new(
+        cli.vmm_socket.clone(),
+        migration_port,
+        cli.state_dir.clone(),
+    ));
     node::spawn_vmm_watch(sidecar.clone()).context("cannot start the VMM watch")?;
     target::listener::spawn(migration_listener, sidecar.clone())
         .context("cannot start the migration listener")?;
+    if let Err(e) = lifecycle::rejoin_recorded(&sidecar) {
+        tracing::error!("cannot rejoin the recorded migration: {e:#}");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub downtime: Gauge<f64, AtomicU64>,
     /// How long the oldest fault still unanswered has waited (0 when none waits).
     pub oldest_fault_wait: Gauge<f64, AtomicU64>,
+    /// Faults unanswered for longer than the wait deadline.
+    pub faults_past_deadline: Gauge,
     /// Control requests refused for want of the operator's certificate.
     pub refused_requests: Counter,
 }
@@ -82,6 +84,7 @@ impl Metrics {
         let fault_latency = Histogram::new(exponential_buckets(10e-6, 2.0, 21));
         let downtime = Gauge::<f64, AtomicU64>::default();
         let oldest_fault_wait = Gauge::<f64, AtomicU64>::default();
+        let faults_past_deadline = Gauge::default();
         let refused_requests = Counter::default();
         registry.register(
             "refused_requests",
@@ -149,6 +152,11 @@ impl Metrics {
             "Age of the oldest post-copy fault not yet answered; 0 when none waits. A vCPU (or KVM) waits on it: alert when it grows",
             oldest_fault_wait.clone(),
         );
+        registry.register(
+            "faults_past_deadline",
+            "Post-copy faults unanswered for longer than the wait deadline (10 s): vCPUs are stuck on them",
+            faults_past_deadline.clone(),
+        );
         Self {
             registry,
             vmm_connected,
@@ -164,6 +172,7 @@ impl Metrics {
             fault_latency,
             downtime,
             oldest_fault_wait,
+            faults_past_deadline,
             refused_requests,
         }
     }

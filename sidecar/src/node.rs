@@ -32,6 +32,8 @@ pub const CLIENT_NAME: &str = concat!("faultline-sidecar/", env!("CARGO_PKG_VERS
 pub struct Sidecar {
     pub vmm_socket: PathBuf,
     pub migration_port: u16,
+    /// Where a target keeps its migration record so that it can rejoin after a restart.
+    pub state_dir: Option<PathBuf>,
     pub metrics: Metrics,
     vm: Mutex<Option<HelloReply>>,
     guest: Mutex<Option<GuestHealth>>,
@@ -46,10 +48,11 @@ struct Migrations {
 }
 
 impl Sidecar {
-    pub fn new(vmm_socket: PathBuf, migration_port: u16) -> Self {
+    pub fn new(vmm_socket: PathBuf, migration_port: u16, state_dir: Option<PathBuf>) -> Self {
         Self {
             vmm_socket,
             migration_port,
+            state_dir,
             metrics: Metrics::new(),
             vm: Mutex::new(None),
             guest: Mutex::new(None),

@@ -720,6 +720,71 @@ fn postcopy_survives_a_broken_link() {
     );
 }
 
+/// The target sidecar dies (SIGKILL, as when its container is killed) in the middle of
+/// post-copy, when the VM runs on the target and the source holds the rest of its memory.
+/// vCPUs that touch missing pages wait on the trap, which the VMM keeps armed. The sidecar,
+/// restarted on the same ports, finds its migration record, takes the trap over from the VMM
+/// (`trap_rejoin`), learns which pages are still missing, lets the source reconnect, and
+/// finishes; the guest verifies every page afterwards.
+#[test]
+fn a_target_sidecar_restarted_mid_postcopy_rejoins_and_finishes() {
+    if !kvm_available() {
+        return;
+    }
+    for backing in ["memfd", "anon"] {
+        let tag = format!("rejoin-{backing}");
+        let mut p = pair(
+            &tag,
+            &[
+                "--memory",
+                "256M",
+                "--vcpus",
+                "2",
+                "--prefill",
+                "--dirty-rate",
+                "heavy",
+                "--backing",
+                backing,
+            ],
+        );
+        let secret = Secret::generate().expect("secret");
+        // A capped push keeps post-copy going for seconds (256 MiB at 32 MB/s).
+        let policy = Policy {
+            mode: Mode::PostCopy,
+            precopy_passes: 0,
+            bandwidth_limit: 32_000_000,
+            ..Policy::default()
+        };
+        start(&p, &tag, &policy, &secret, &secret);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = p.src.sidecar.client().status(&tag).expect("status");
+            let d = p.dst.sidecar.client().status(&tag).expect("status");
+            assert!(!s.phase.is_terminal(), "ended before the kill: {s:#?}");
+            if d.phase == Phase::PostCopy && d.progress.faults > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "post-copy never got going");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p.dst
+            .sidecar
+            .restart(Duration::from_secs(1))
+            .expect("restart the target sidecar");
+        let rejoined = p.dst.sidecar.client().status(&tag).expect("status");
+        assert!(rejoined.committed, "{rejoined:#?}");
+        assert!(!rejoined.phase.is_terminal(), "{rejoined:#?}");
+        let (src, dst) = finish_and_verify(&mut p, &tag);
+        assert!(src.progress.reconnects >= 1 && dst.progress.reconnects >= 1);
+        assert!(!src.vm_lost && !dst.vm_lost);
+        assert!(
+            p.dst.sidecar.log().contains("rejoining it"),
+            "{}",
+            p.dst.sidecar.log()
+        );
+    }
+}
+
 /// Only the operator drives a sidecar. A stranger asks the source to migrate its VM to a
 /// listener the stranger owns, lists migrations and cancels: without a client certificate it
 /// gets 401; with a certificate from another CA, an expired operator certificate, or the

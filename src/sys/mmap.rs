@@ -25,6 +25,8 @@ pub enum MmapError {
     },
     #[error("madvise failed: {0}")]
     Advise(#[source] std::io::Error),
+    #[error("mincore failed: {0}")]
+    Mincore(#[source] std::io::Error),
 }
 
 /// An owned mapping, unmapped on drop.
@@ -184,6 +186,23 @@ impl MmapRegion {
             )
         }
         .map_err(|e| MmapError::Advise(e.into()))
+    }
+}
+
+impl MmapRegion {
+    /// Which pages of the mapping are present (mincore): for anonymous memory, mapped in this
+    /// process; for a shared file mapping, in the file's page cache. One byte per page, bit 0
+    /// set when present. Touches nothing, so it never faults a page in.
+    pub fn resident(&self) -> Result<Vec<u8>, MmapError> {
+        let page = crate::layout::PAGE_SIZE as usize;
+        let mut out = vec![0u8; self.len.div_ceil(page)];
+        // SAFETY: `ptr`/`len` describe this mapping (page aligned, as mmap returned it) and
+        // `out` has one byte for each of its pages, which is what mincore writes.
+        let rc = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.len, out.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(MmapError::Mincore(std::io::Error::last_os_error()));
+        }
+        Ok(out)
     }
 }
 

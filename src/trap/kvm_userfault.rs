@@ -255,6 +255,22 @@ impl UserfaultBitmap {
             .sum()
     }
 
+    /// The marked pages now, as a page bitmap (a snapshot: bits may clear meanwhile).
+    pub fn marked(&self) -> crate::bitmap::PageBitmap {
+        let mut marked = crate::bitmap::PageBitmap::new(self.pages);
+        for (w, word) in self.words().iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                if page < self.pages {
+                    marked.set(page);
+                }
+                bits &= bits - 1;
+            }
+        }
+        marked
+    }
+
     /// The page of `gpa` in a memslot starting at `slot_gpa`, if the memslot covers it.
     pub fn page_of(&self, slot_gpa: u64, gpa: u64) -> Option<u64> {
         let page = gpa.checked_sub(slot_gpa)? / PAGE_SIZE;

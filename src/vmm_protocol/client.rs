@@ -10,9 +10,10 @@ use super::conn::{ConnError, Connection, Frame};
 use super::frame::FrameKind;
 use super::messages::{
     DirtyLogReply, ErrorReply, Event, HelloReply, KvmUserfaultArmReply, Request, SavedState,
-    StateReply, UffdMode, UffdRegisterReply, VmState, VmStatus,
+    StateReply, TrapRejoinReply, UffdMode, UffdRegisterReply, VmState, VmStatus,
 };
 use crate::bitmap::PageBitmap;
+use crate::trap::Backend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -242,6 +243,40 @@ impl VmmClient {
                 what: "no descriptor".into(),
             }),
         }
+    }
+
+    /// Takes over the trap a receiver armed before it restarted: returns the reply, the trap's
+    /// descriptors (see [`TrapRejoinReply`]) and the pages not yet valid. Under KVM Userfault
+    /// this connection then carries only events, starting with those of vCPUs already waiting.
+    pub fn trap_rejoin(
+        &mut self,
+    ) -> Result<(TrapRejoinReply, Vec<OwnedFd>, PageBitmap), ClientError> {
+        let (reply, frame): (TrapRejoinReply, _) = self.call_json(&Request::TrapRejoin, &[])?;
+        let bad = |what: String| ClientError::BadReply {
+            op: "trap_rejoin",
+            what,
+        };
+        let want = match reply.trap {
+            Backend::Userfaultfd => 1,
+            Backend::KvmUserfault => 1 + usize::from(reply.host_accesses),
+        };
+        if frame.fds.len() != want {
+            return Err(bad(format!(
+                "expected {want} descriptor(s) for {}, got {}",
+                reply.trap,
+                frame.fds.len()
+            )));
+        }
+        let invalid =
+            PageBitmap::from_le_bytes(&frame.blob, reply.pages).map_err(|e| bad(e.to_string()))?;
+        if invalid.count() != reply.invalid {
+            return Err(bad(format!(
+                "announced {} invalid pages, bitmap has {}",
+                reply.invalid,
+                invalid.count()
+            )));
+        }
+        Ok((reply, frame.fds, invalid))
     }
 
     pub fn kvm_userfault_disarm(&mut self) -> Result<VmState, ClientError> {

@@ -56,6 +56,11 @@ pub enum Request {
     },
     /// Turn KVM Userfault off (every page is valid).
     KvmUserfaultDisarm,
+    /// A receiver that restarted takes over the armed trap (userfaultfd or KVM Userfault):
+    /// the reply carries the trap's descriptors again and, in the binary part, the pages not
+    /// yet valid. Under KVM Userfault this connection becomes the event channel, as with
+    /// `kvm_userfault_arm`, and the faults of vCPUs already waiting are sent on it again.
+    TrapRejoin,
     /// Ends the VMM process after replying.
     Shutdown,
 }
@@ -78,6 +83,7 @@ impl Request {
         "discard",
         "kvm_userfault_arm",
         "kvm_userfault_disarm",
+        "trap_rejoin",
         "shutdown",
     ];
 
@@ -98,6 +104,7 @@ impl Request {
             Self::Discard => "discard",
             Self::KvmUserfaultArm { .. } => "kvm_userfault_arm",
             Self::KvmUserfaultDisarm => "kvm_userfault_disarm",
+            Self::TrapRejoin => "trap_rejoin",
             Self::Shutdown => "shutdown",
         }
     }
@@ -159,6 +166,26 @@ pub struct KvmUserfaultArmReply {
     /// descriptor 1 (`host_accesses` was asked for and the kernel allowed it).
     #[serde(default)]
     pub host_accesses: bool,
+}
+
+/// Reply to `trap_rejoin`. Descriptors: the userfaultfd (`userfaultfd`), or the bitmap's
+/// memfd and, with `host_accesses`, the host mapping's userfaultfd (`kvm-userfault`). The
+/// binary part is a bitmap of the pages not yet valid (global numbering): still marked under
+/// KVM Userfault, not present in RAM under userfaultfd's missing mode.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrapRejoinReply {
+    pub trap: Backend,
+    pub pages: u64,
+    /// How many pages the binary part marks.
+    pub invalid: u64,
+    /// `kvm-userfault`: the bitmap memfd's header length, as in `kvm_userfault_arm`.
+    #[serde(default)]
+    pub header_bytes: u64,
+    #[serde(default)]
+    pub host_accesses: bool,
+    /// How many vCPUs were waiting for a page when the trap was handed over.
+    pub waiting_vcpus: u32,
 }
 
 /// Unsolicited messages from the VMM (frame kind 4).
@@ -504,6 +531,7 @@ mod tests {
                 host_accesses: true,
             },
             Request::KvmUserfaultDisarm,
+            Request::TrapRejoin,
             Request::Shutdown,
         ];
         // The flag's default keeps the plain form.

@@ -100,6 +100,21 @@ fn handle(mut conn: Connection, vm: &Vm) {
             arm_kvm_userfault(conn, vm, id, host_accesses);
             return;
         }
+        if frame.header.kind == FrameKind::Request
+            && frame.fds.is_empty()
+            && frame.blob.is_empty()
+            && let Ok(Request::TrapRejoin) = Request::parse(&frame.json)
+        {
+            match rejoin_trap(&mut conn, vm, id) {
+                // Under KVM Userfault the connection now carries events only.
+                Ok(true) => return,
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!("cannot answer trap_rejoin: {e}");
+                    return;
+                }
+            }
+        }
         let shutdown = match respond(&mut conn, vm, frame) {
             Ok(shutdown) => shutdown,
             Err(e) => {
@@ -142,6 +157,38 @@ fn arm_kvm_userfault(mut conn: Connection, vm: &Vm, id: u32, host_accesses: bool
             let _ = reply_error(&mut conn, id, e);
         }
     }
+}
+
+/// Answers `trap_rejoin`. Returns whether the connection became the event channel.
+fn rejoin_trap(conn: &mut Connection, vm: &Vm, id: u32) -> std::io::Result<bool> {
+    let rejoin = match vm.trap_rejoin() {
+        Ok(r) => r,
+        Err(e) => return reply_error(conn, id, e).map(|_| false),
+    };
+    let json = serde_json::to_vec(&rejoin.reply).unwrap_or_default();
+    let blob = rejoin.invalid.to_le_bytes();
+    let fds: Vec<_> = rejoin.fds.iter().map(|f| f.as_fd()).collect();
+    if rejoin.takes_events {
+        let events = Connection::new(conn.stream().try_clone()?);
+        let resent = vm.userfault().rejoin(events, |c| {
+            c.write_frame(FrameKind::Reply, id, &json, &blob, &fds)
+        })?;
+        tracing::info!(
+            resent,
+            invalid = rejoin.reply.invalid,
+            "a receiver rejoined the KVM Userfault trap"
+        );
+    } else {
+        conn.write_frame(FrameKind::Reply, id, &json, &blob, &fds)?;
+        tracing::info!(
+            invalid = rejoin.reply.invalid,
+            "a receiver rejoined the userfaultfd trap"
+        );
+    }
+    // Threads blocked in a userfaultfd fault (the trap's, or the host half's) fault again,
+    // so that the new receiver hears of them.
+    vm.wake_uffd_waiters();
+    Ok(rejoin.takes_events)
 }
 
 fn reply_error(conn: &mut Connection, id: u32, e: ErrorReply) -> std::io::Result<()> {
@@ -198,10 +245,10 @@ fn respond(conn: &mut Connection, vm: &Vm, frame: Frame) -> std::io::Result<bool
         Request::UserfaultfdDisarm => send(conn, id, state(vm.userfaultfd_disarm()))?,
         Request::KvmUserfaultDisarm => send(conn, id, state(vm.kvm_userfault_disarm()))?,
         // Handled in `handle`, which gives the connection over to events.
-        Request::KvmUserfaultArm { .. } => {
+        Request::KvmUserfaultArm { .. } | Request::TrapRejoin => {
             let e = ErrorReply::new(
                 ErrorCode::Failed,
-                "kvm_userfault_arm reached the wrong path",
+                format!("{} reached the wrong path", request.op()),
             );
             reply_error(conn, id, e)?
         }

@@ -70,6 +70,52 @@ impl UserfaultTrap {
         Some(armed)
     }
 
+    /// Hands the trap's event channel to a receiver that restarted: `events` replaces the old
+    /// channel, `reply` is written on it first (so the reply precedes every event), then the
+    /// fault of every vCPU still waiting is sent again, since the old receiver may have read
+    /// it and died before installing the page. Returns how many were sent again.
+    pub fn rejoin(
+        &self,
+        events: Connection,
+        reply: impl FnOnce(&mut Connection) -> std::io::Result<()>,
+    ) -> std::io::Result<u32> {
+        let Some(armed) = self.current() else {
+            return Err(std::io::Error::other("KVM Userfault is not armed"));
+        };
+        let mut conn = armed.events.lock().unwrap_or_else(|p| p.into_inner());
+        *conn = events;
+        armed.broken.store(false, Ordering::Release);
+        reply(&mut conn)?;
+        let waits: Vec<(usize, u64, u64)> = self
+            .waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .enumerate()
+            .filter_map(|(vcpu, w)| w.map(|(page, gpa, _)| (vcpu, gpa, page)))
+            .collect();
+        for &(vcpu, gpa, page) in &waits {
+            let event = Event::Userfault {
+                vcpu: vcpu as u32,
+                gpa,
+                page,
+            };
+            let json = serde_json::to_vec(&event).unwrap_or_default();
+            conn.write_frame(FrameKind::Event, 0, &json, &[], &[])?;
+        }
+        Ok(waits.len() as u32)
+    }
+
+    /// How many vCPUs wait for a page now.
+    pub fn waiting(&self) -> u32 {
+        self.waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|w| w.is_some())
+            .count() as u32
+    }
+
     pub fn current(&self) -> Option<Arc<Armed>> {
         self.armed.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -131,8 +177,10 @@ impl UserfaultTrap {
         if !armed.bitmap.is_marked(page) {
             return Ok(()); // installed between KVM's check and ours
         }
-        armed.notify(vcpu, gpa, page);
+        // Recorded before the event goes out, so that a `rejoin` either finds the wait and
+        // sends it again or hands over the channel before this event is written.
         self.set_wait(vcpu, Some((page, gpa, Instant::now())));
+        armed.notify(vcpu, gpa, page);
         while !armed.bitmap.wait_cleared(page, WAIT_SLICE) {
             if armed.disarmed.load(Ordering::SeqCst) || !keep_waiting() {
                 break;

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use faultline::bitmap::PageBitmap;
 use faultline::layout::BackingKind;
 use faultline::sys::uffd::{self, Userfaultfd};
+use faultline::trap::Backend;
 use faultline::trap::kvm_userfault::UserfaultBitmap;
 use faultline::vmm_protocol::PROTOCOL_VERSION;
 use faultline::vmm_protocol::messages::{
     Capability, CapabilityName, ErrorCode, ErrorReply, HelloReply, KvmUserfaultArmReply,
-    SavedState, UffdMode, UffdRegisterReply, VcpuState, VcpuStatus, VmState, VmStatus,
+    SavedState, TrapRejoinReply, UffdMode, UffdRegisterReply, VcpuState, VcpuStatus, VmState,
+    VmStatus,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -28,6 +30,15 @@ use crate::ram_map::RamMap;
 use crate::state::{self, Meta, VcpuState as KvmVcpuState};
 use crate::userfault::UserfaultTrap;
 use crate::vcpu::{self, RunControl, Vcpu};
+
+/// The answer to `trap_rejoin`: the reply, its descriptors, the pages not yet valid (the
+/// reply's binary part), and whether the requesting connection becomes the event channel.
+pub struct Rejoin {
+    pub reply: TrapRejoinReply,
+    pub fds: Vec<OwnedFd>,
+    pub invalid: PageBitmap,
+    pub takes_events: bool,
+}
 
 pub const VMM_NAME: &str = concat!("faultline-vmm/", env!("CARGO_PKG_VERSION"));
 
@@ -705,6 +716,105 @@ impl Vm {
             }
         }
         Ok(self.state_locked(&ops))
+    }
+
+    /// What a restarted receiver needs to take over the armed trap; see [`Rejoin`].
+    pub fn trap_rejoin(&self) -> Result<Rejoin, ErrorReply> {
+        let ops = self.ops();
+        if !self.incoming {
+            return Err(err(
+                ErrorCode::InvalidState,
+                "trap_rejoin is only accepted by a VMM started with --incoming",
+            ));
+        }
+        let dup = |fd: BorrowedFd<'_>, what: &str| {
+            fd.try_clone_to_owned().map_err(|e| {
+                err(
+                    ErrorCode::Failed,
+                    format!("cannot duplicate the {what}: {e}"),
+                )
+            })
+        };
+        let pages = self.memory.pages();
+        let waiting_vcpus = self.userfault.waiting();
+        if let Some(armed) = self.userfault.current() {
+            let mut fds = vec![dup(
+                armed
+                    .bitmap
+                    .shared_fd()
+                    .ok_or_else(|| err(ErrorCode::Failed, "the bitmap is not shared"))?,
+                "bitmap fd",
+            )?];
+            if let Some(host) = &ops.uffd {
+                fds.push(dup(host.as_fd(), "host-access userfaultfd")?);
+            }
+            let invalid = armed.bitmap.marked();
+            let reply = TrapRejoinReply {
+                trap: Backend::KvmUserfault,
+                pages,
+                invalid: invalid.count(),
+                header_bytes: faultline::trap::kvm_userfault::SHARED_HEADER as u64,
+                host_accesses: ops.uffd.is_some(),
+                waiting_vcpus,
+            };
+            return Ok(Rejoin {
+                reply,
+                fds,
+                invalid,
+                takes_events: true,
+            });
+        }
+        let Some(uffd) = &ops.uffd else {
+            return Err(err(
+                ErrorCode::InvalidState,
+                "no trap is armed: nothing to rejoin",
+            ));
+        };
+        // Under missing mode a page is valid exactly when it is present: installed, or written
+        // before the registration and not discarded since.
+        let resident = self
+            .memory
+            .mapping()
+            .resident()
+            .map_err(|e| err(ErrorCode::Failed, format!("cannot tell present pages: {e}")))?;
+        let mut invalid = PageBitmap::new(pages);
+        for (page, r) in resident.iter().enumerate().take(pages as usize) {
+            if r & 1 == 0 {
+                invalid.set(page as u64);
+            }
+        }
+        let reply = TrapRejoinReply {
+            trap: Backend::Userfaultfd,
+            pages,
+            invalid: invalid.count(),
+            header_bytes: 0,
+            host_accesses: false,
+            waiting_vcpus,
+        };
+        Ok(Rejoin {
+            reply,
+            fds: vec![dup(uffd.as_fd(), "userfaultfd")?],
+            invalid,
+            takes_events: false,
+        })
+    }
+
+    /// After a rejoin has been answered: wakes every thread blocked in a userfaultfd fault
+    /// on RAM, so that each faults again and the new receiver reads the event (the old one
+    /// may have read it and died).
+    pub fn wake_uffd_waiters(&self) {
+        let ops = self.ops();
+        if let Some(uffd) = &ops.uffd {
+            let start = self.memory.mapping().as_ptr() as u64;
+            if let Err(e) = uffd.wake(start, self.memory.size()) {
+                tracing::warn!("waking userfaultfd waiters after a rejoin failed: {e}");
+            }
+        }
+    }
+
+    /// The KVM Userfault trap, for handing its event channel over.
+    pub fn userfault(&self) -> &UserfaultTrap {
+        &self.userfault
     }
 
     pub fn discard(&self, blob: &[u8]) -> Result<VmState, ErrorReply> {

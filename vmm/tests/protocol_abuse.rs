@@ -158,9 +158,10 @@ fn request_abuse() {
     request(&mut c, br#"{"op":"pause"}"#, b"junk");
     expect_error(&mut c, ErrorCode::BadRequest);
     // Out of order: restore outside incoming mode, save while running, fence while running,
-    // collect before start.
+    // collect before start, rejoin a trap outside incoming mode.
     let mut client = client(&vmm);
     for (req, code) in [
+        (Request::TrapRejoin, ErrorCode::InvalidState),
         (Request::RestoreState, ErrorCode::InvalidState),
         (Request::SaveState, ErrorCode::InvalidState),
         (Request::Fence, ErrorCode::InvalidState),

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use faultline::trap::Backend;
 use faultline::vmm_protocol::messages::{CapabilityName, ErrorCode, UffdMode};
 
 fn check(backing: &str) {
@@ -30,6 +31,10 @@ fn check(backing: &str) {
             "{cap:?}"
         );
     }
+
+    // Nothing armed yet: nothing to rejoin.
+    let e = c.trap_rejoin().expect_err("no trap to rejoin");
+    assert_eq!(e.refusal().map(|r| r.code), Some(ErrorCode::InvalidState));
 
     // KVM Userfault: arming works exactly when offered; the refusal carries the probe's reason.
     let mut events = client(&vmm);
@@ -67,6 +72,13 @@ fn check(backing: &str) {
             again.refusal().map(|r| r.code),
             Some(ErrorCode::InvalidState)
         );
+        // A receiver that restarted gets the userfaultfd again, and every page of a VM that
+        // has received nothing is invalid (not present).
+        let (r, fds, invalid) = c.trap_rejoin().expect("rejoin the userfaultfd");
+        assert_eq!(r.trap, Backend::Userfaultfd);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(r.pages, 64 << 20 >> 12);
+        assert_eq!((invalid.count(), r.invalid), (r.pages, r.pages));
         c.userfaultfd_disarm().expect("disarm");
     }
 }

@@ -134,6 +134,41 @@ impl Target<'_> {
         Ok((bitmap, host.map(Userfaultfd::from), events))
     }
 
+    /// Takes over the trap an earlier run of this sidecar armed (see `trap_rejoin` in the VMM
+    /// protocol): its descriptors again, and every page valid that the VMM does not report
+    /// invalid.
+    pub(super) fn rejoin_trap(&mut self, mem: GuestMemory) -> Result<ArmedTrap, Stop> {
+        let mut events = VmmClient::connect(&self.sidecar.vmm_socket)
+            .context("cannot open a VMM connection for the trap")?;
+        let (reply, fds, invalid) = events
+            .trap_rejoin()
+            .context("the VMM could not hand over its trap")?;
+        let mut fds = fds.into_iter();
+        let first = fds
+            .next()
+            .ok_or_else(|| Stop::failed("the VMM handed over no trap descriptor"))?;
+        let (armed, events) = match reply.trap {
+            Backend::Userfaultfd => (Armed::Userfaultfd(Userfaultfd::from(first)), None),
+            Backend::KvmUserfault => {
+                let bitmap = UserfaultBitmap::open_shared(first, reply.pages)
+                    .context("cannot map the VMM's userfault bitmap")?;
+                let host = fds.next().map(Userfaultfd::from);
+                (Armed::KvmUserfault { bitmap, host }, Some(events))
+            }
+        };
+        let installer = Installer::new(mem, Some(armed));
+        installer.states().set_valid_except(&invalid);
+        self.m.set_trap(installer.trap());
+        tracing::info!(
+            trap = %reply.trap,
+            invalid = reply.invalid,
+            waiting_vcpus = reply.waiting_vcpus,
+            host_accesses = reply.host_accesses,
+            "trap rejoined"
+        );
+        Ok(ArmedTrap { installer, events })
+    }
+
     /// Every page is valid: the VMM drops the trap (and, for userfaultfd, its own reference).
     pub(super) fn disarm(&mut self, installer: &Installer) -> Result<(), Stop> {
         match installer.trap() {

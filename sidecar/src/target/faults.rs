@@ -30,6 +30,9 @@ use crate::migration::{Link, Stop};
 /// How long one wait for fault events or replies lasts before the handler looks whether every
 /// page is valid or the session ended.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// A fault unanswered for this long is reported: in the migration's status message and in
+/// the `faults_past_deadline` metric.
+pub(super) const FAULT_WAIT_DEADLINE: Duration = Duration::from_secs(10);
 /// At the end, replies still in flight are read and dropped for this long...
 const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 /// ...each read waiting at most this much.
@@ -114,6 +117,7 @@ impl Target<'_> {
         let mut reader = FrameReader::new(urgent);
         let mut requests = Vec::new();
         let mut faulted = Vec::new();
+        let mut stalled = false;
         // After a reconnect: ask again for what vCPUs were already waiting for.
         for chunk in installer.states().waiting_pages().chunks(MAX_BATCH) {
             FaultRequest::write(&mut writer, chunk).map_err(Link::from_wire)?;
@@ -147,11 +151,31 @@ impl Target<'_> {
             let fault_ready = fault_ready.to_vec();
             drop(fds);
             drop(fault_fds);
-            let oldest = lock(waiting).values().min().map(Instant::elapsed);
+            let (oldest, late) = {
+                let waiting = lock(waiting);
+                let oldest = waiting.values().min().map(Instant::elapsed);
+                let late = waiting
+                    .values()
+                    .filter(|t| t.elapsed() > FAULT_WAIT_DEADLINE)
+                    .count();
+                (oldest, late)
+            };
             self.sidecar
                 .metrics
                 .oldest_fault_wait
                 .set(oldest.unwrap_or_default().as_secs_f64());
+            self.sidecar.metrics.faults_past_deadline.set(late as i64);
+            if late > 0 && !stalled {
+                let waited = oldest.unwrap_or_default().as_secs();
+                tracing::warn!(late, waited, "post-copy faults wait past the deadline");
+                self.m.set_message(format!(
+                    "post-copy stalled: {late} fault(s) unanswered for over {} s (oldest {waited} s); vCPUs wait on them",
+                    FAULT_WAIT_DEADLINE.as_secs()
+                ));
+            } else if late == 0 && stalled {
+                self.m.set_message("post-copy: faults are answered again");
+            }
+            stalled = late > 0;
             if faulting {
                 faulted.clear();
                 faults.read(&fault_ready, self.total, &mut faulted)?;
@@ -190,6 +214,7 @@ impl Target<'_> {
             }
         }
         self.sidecar.metrics.oldest_fault_wait.set(0.0);
+        self.sidecar.metrics.faults_past_deadline.set(0);
         // Close gracefully: replies still in flight are read and dropped, so the source sees
         // an orderly end rather than a reset.
         let _ = writer.shutdown_write();

@@ -23,13 +23,14 @@ use anyhow::Context;
 use faultline::guest_memory::GuestMemory;
 use faultline::sidecar_api::Phase;
 use faultline::vmm_protocol::VmmClient;
-use faultline::vmm_protocol::messages::HelloReply;
+use faultline::vmm_protocol::messages::{HelloReply, VmState};
 use faultline::wire::{Channel, Control, layout_digest};
 
 use crate::migration::{Accepted, Migration, Stop};
 use crate::node::{CLIENT_NAME, Sidecar};
 use crate::transport::{Conn, Peer, expect};
 
+use self::arm::ArmedTrap;
 use self::conns::Conns;
 
 /// Past the commit point the VM lives only here and giving up would lose it, so the target
@@ -71,6 +72,49 @@ pub fn run(
         tracing::warn!("target aborted before the commit point; the VM stays on the source: {e}");
     }
     result
+}
+
+/// Takes over migration `m` after this sidecar restarted past the commit point: the VM runs
+/// here on memory that has not all arrived, and the trap an earlier run of this sidecar armed
+/// still holds its faulting vCPUs. Gets the trap's handles and the pages still invalid from the
+/// VMM, waits for the source to reconnect (it keeps trying while the link is down), tells it
+/// what is missing, and finishes post-copy.
+pub fn rejoin(
+    sidecar: &Arc<Sidecar>,
+    m: &Arc<Migration>,
+    inbox: Receiver<Accepted>,
+) -> Result<(), Stop> {
+    let mut vmm = VmmClient::connect(&sidecar.vmm_socket).context("cannot reach the VMM")?;
+    let (hello, fds) = vmm.hello(CLIENT_NAME).context("VMM hello failed")?;
+    if !hello.incoming || hello.state == VmState::Incoming {
+        return Err(Stop::failed(
+            "nothing to rejoin: the VM never arrived here (the migration ended before its commit point, so the source kept it)",
+        ));
+    }
+    let mem = GuestMemory::open(&hello.layout, fds).context("cannot open guest memory")?;
+    let total = mem.total_pages();
+    m.counters.set_total(total);
+    let _ = m.digest.set(layout_digest(&hello.layout));
+    let mut t = Target {
+        sidecar,
+        m,
+        vmm,
+        hello,
+        total,
+    };
+    let mut armed = t.rejoin_trap(mem)?;
+    // The VM already runs here: an earlier run of this sidecar passed the commit point.
+    m.commit();
+    let invalid = total - armed.installer.states().valid_count();
+    m.counters.set_remaining(invalid);
+    tracing::info!(invalid, "rejoined the trap after a restart");
+    m.set_phase(
+        Phase::PostCopy,
+        format!("rejoined after a restart: {invalid} pages to fetch; waiting for the source to reconnect"),
+    );
+    let mut conns = Conns::new(inbox, m.deadline());
+    let main = t.postcopy(&mut armed, None, &mut conns)?;
+    t.complete(&armed, main)
 }
 
 struct Target<'a> {
@@ -131,8 +175,14 @@ impl Target<'_> {
 
         if !armed.installer.states().all_valid() {
             let urgent = conns.take_after_commit(Channel::Urgent, m, POST_COMMIT_PATIENCE)?;
-            main = self.postcopy(&mut armed, main, urgent, conns)?;
+            main = self.postcopy(&mut armed, Some((main, urgent)), conns)?;
         }
+        self.complete(&armed, main)
+    }
+
+    /// Every page is valid: disarm, tell the source, and record the end.
+    fn complete(&mut self, armed: &ArmedTrap, mut main: Conn) -> Result<(), Stop> {
+        let m = self.m;
         self.disarm(&armed.installer)?;
         let faults = m.counters.faults.load(std::sync::atomic::Ordering::Relaxed);
         Control::Complete { faults }.write(&mut main.writer)?;

@@ -34,13 +34,13 @@ const SETTLE_POLL: Duration = Duration::from_millis(1);
 pub(super) type Waiting = Mutex<HashMap<u64, Instant>>;
 
 impl Target<'_> {
-    /// Post-copy until every page is valid, across as many sessions as broken links require.
-    /// Returns the main connection of the last session.
+    /// Post-copy until every page is valid, across as many sessions as broken links require,
+    /// starting on `link` or, without one (a sidecar that restarted), by waiting for the
+    /// source to reconnect. Returns the main connection of the last session.
     pub(super) fn postcopy(
         &self,
         armed: &mut ArmedTrap,
-        main: Conn,
-        urgent: Stream,
+        link: Option<(Conn, Stream)>,
         conns: &mut Conns,
     ) -> Result<Conn, Stop> {
         let m = self.m;
@@ -54,7 +54,7 @@ impl Target<'_> {
         );
         threads::deprioritize_this_thread();
         let waiting: Waiting = Mutex::new(HashMap::new());
-        let mut link = Some((main, urgent));
+        let mut link = link;
         loop {
             let (mut main, urgent) = match link.take() {
                 Some(l) => l,

@@ -121,6 +121,10 @@ fn launch(
     engine: Engine,
 ) -> Result<(Arc<Migration>, bool), StartError> {
     let m = Arc::new(Migration::new(req, secret, protection));
+    if matches!(engine, Engine::Rejoin) {
+        // Known before the migration becomes visible: the VM already ran here.
+        m.commit();
+    }
     // The target's inbox opens before the migration is visible, so the listener never finds
     // a current target migration that cannot take its connections.
     let inbox = (m.role == Role::Target).then(|| m.open_inbox());
@@ -167,9 +171,23 @@ pub fn rejoin_recorded(sidecar: &Arc<Sidecar>) -> anyhow::Result<Option<String>>
         Ok(_) => anyhow::bail!("the recorded migration `{}` is not a target's", req.id),
         Err(e) => anyhow::bail!("the recorded migration `{}` is invalid: {e}", req.id),
     };
+    let id = req.id.clone();
+    // Whether the commit point passed is the VMM's to say: only a VM that arrived can have run.
+    let (hello, _fds) = faultline::vmm_protocol::VmmClient::connect(&sidecar.vmm_socket)
+        .and_then(|mut c| c.hello(crate::node::CLIENT_NAME))
+        .map_err(|e| {
+            anyhow::anyhow!("cannot ask the VMM whether migration `{id}` committed: {e}")
+        })?;
+    if !hello.incoming || hello.state == VmState::Incoming {
+        tracing::warn!(
+            id,
+            "found the record of a migration that never reached its commit point (the source kept the VM); dropping it"
+        );
+        crate::record::remove(dir)?;
+        return Ok(None);
+    }
     let protection = Protection::new(req.policy.transport, req.role, &secret, &req.id)
         .map_err(|e| anyhow::anyhow!("cannot set up the migration's TLS: {e}"))?;
-    let id = req.id.clone();
     tracing::warn!(
         id,
         "found the record of a migration this sidecar was running; rejoining it"

@@ -785,6 +785,49 @@ fn a_target_sidecar_restarted_mid_postcopy_rejoins_and_finishes() {
     }
 }
 
+/// A target sidecar that dies before its VM arrived (before the commit point, so the source
+/// keeps the VM) does not rejoin anything when it comes back: it drops its record and knows
+/// no migration.
+#[test]
+fn a_restarted_target_whose_vm_never_arrived_rejoins_nothing() {
+    if !kvm_available() {
+        return;
+    }
+    let mut p = pair("norejoin", &["--memory", "64M", "--vcpus", "1"]);
+    let secret = Secret::generate().expect("secret");
+    p.dst
+        .sidecar
+        .client()
+        .start(&request(
+            "norejoin",
+            Role::Target,
+            None,
+            &secret,
+            &policy(Mode::PostCopy, 0),
+        ))
+        .expect("start target");
+    p.dst
+        .sidecar
+        .restart(Duration::from_millis(100))
+        .expect("restart the target sidecar");
+    let e = p
+        .dst
+        .sidecar
+        .client()
+        .status("norejoin")
+        .expect_err("no migration after the restart");
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert!(
+        p.dst
+            .sidecar
+            .log()
+            .contains("never reached its commit point"),
+        "{}",
+        p.dst.sidecar.log()
+    );
+    assert_eq!(vmm_status(&p.dst.vmm).state, VmState::Incoming);
+}
+
 /// Only the operator drives a sidecar. A stranger asks the source to migrate its VM to a
 /// listener the stranger owns, lists migrations and cancels: without a client certificate it
 /// gets 401; with a certificate from another CA, an expired operator certificate, or the

@@ -103,8 +103,6 @@ pub fn rejoin(
         total,
     };
     let mut armed = t.rejoin_trap(mem)?;
-    // The VM already runs here: an earlier run of this sidecar passed the commit point.
-    m.commit();
     let invalid = total - armed.installer.states().valid_count();
     m.counters.set_remaining(invalid);
     tracing::info!(invalid, "rejoined the trap after a restart");

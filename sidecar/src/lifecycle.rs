@@ -172,16 +172,24 @@ pub fn rejoin_recorded(sidecar: &Arc<Sidecar>) -> anyhow::Result<Option<String>>
         Err(e) => anyhow::bail!("the recorded migration `{}` is invalid: {e}", req.id),
     };
     let id = req.id.clone();
-    // Whether the commit point passed is the VMM's to say: only a VM that arrived can have run.
-    let (hello, _fds) = faultline::vmm_protocol::VmmClient::connect(&sidecar.vmm_socket)
-        .and_then(|mut c| c.hello(crate::node::CLIENT_NAME))
+    // Whether the commit point passed is the VMM's to say: the VM ran here only if the source
+    // committed (the target resumes it only on the source's `commit`).
+    let status = faultline::vmm_protocol::VmmClient::connect(&sidecar.vmm_socket)
+        .and_then(|mut c| c.status())
         .map_err(|e| {
             anyhow::anyhow!("cannot ask the VMM whether migration `{id}` committed: {e}")
         })?;
-    if !hello.incoming || hello.state == VmState::Incoming {
+    if status.run_ms == 0 && status.state != VmState::Running {
+        let why = if status.state == VmState::Incoming {
+            "it never reached its commit point (the source kept the VM)"
+        } else {
+            // Restored and paused: this sidecar died between `prepared` and resuming the VM,
+            // and only the source knows whether it fenced its VM meanwhile.
+            "this sidecar died in the switch-over, before the VM first ran here, and does not resume a VM whose source may still run"
+        };
         tracing::warn!(
             id,
-            "found the record of a migration that never reached its commit point (the source kept the VM); dropping it"
+            "found the record of a migration that cannot be rejoined: {why}; dropping it"
         );
         crate::record::remove(dir)?;
         return Ok(None);

@@ -821,7 +821,7 @@ fn a_restarted_target_whose_vm_never_arrived_rejoins_nothing() {
         p.dst
             .sidecar
             .log()
-            .contains("never reached its commit point"),
+            .contains("it never reached its commit point"),
         "{}",
         p.dst.sidecar.log()
     );

@@ -147,6 +147,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: network_cut_after_commit,
     },
     Scenario {
+        name: "target-sidecar-killed-in-postcopy",
+        what: "the target pod's sidecar killed in post-copy: the kubelet restarts it, it rejoins from its record and the VMM's trap, and the migration completes, guest verified",
+        run: target_sidecar_killed_in_postcopy,
+    },
+    Scenario {
         name: "strangers-refused",
         what: "a running VM's sidecar, called as a stranger would: no client certificate 401, another CA's operator certificate, an expired one from the cluster CA and the namespace's own sidecar certificate 403, for start, list, node and cancel; health open; nothing started, guest running",
         run: strangers_refused,
@@ -1466,6 +1471,45 @@ fn network_cut_after_commit(c: &Ctx<'_>) -> Result<String> {
     Ok(format!(
         "network cut after the commit point: Stalled after {:.0} s, healed 3 s later; completed with {reconnects} reconnect(s), Stalled cleared; {guest}",
         stalled_after.as_secs_f64()
+    ))
+}
+
+fn target_sidecar_killed_in_postcopy(c: &Ctx<'_>) -> Result<String> {
+    fresh(c)?;
+    slow_migration(
+        c,
+        "rejoin",
+        "vm-rejoin",
+        json!({"mode": "PostCopy", "precopyPasses": 0}),
+    )?;
+    // Past the commit point and the switch-over: the VM runs on the target.
+    let m = wait_migration(c, "rejoin", "post-copy", Duration::from_secs(90), |m| {
+        m["status"]["committed"] == true && m["status"]["phase"] == "PostCopy"
+    })?;
+    let target = s(&m, &["status", "targetPod"]).to_string();
+    let killed = vm::kill_container(c.kube, &target, "faultline-sidecar")?;
+    ensure!(killed > 0, "no sidecar process found in {target}");
+    let killed_at = Instant::now();
+    let m = wait_terminal(c, "rejoin", Duration::from_secs(240))?;
+    ensure!(
+        phase(&m) == "Succeeded",
+        "ended {}: {}",
+        phase(&m),
+        s(&m, &["status", "message"])
+    );
+    ensure!(m["status"]["vmLost"] != true, "{}", m["status"]);
+    let pod = c
+        .kube
+        .get(Some(NAMESPACE), "pod", &target)?
+        .context("the target pod is gone")?;
+    let (restarts, _) =
+        vm::container_state(&pod, "faultline-sidecar").context("no sidecar status")?;
+    ensure!(restarts >= 1, "the target sidecar was not restarted");
+    let reconnects = m["status"]["progress"]["reconnects"].as_u64().unwrap_or(0);
+    let guest = vm::verify_guest(c.kube, &target)?;
+    Ok(format!(
+        "target sidecar killed after the commit point ({killed} process(es)); restarted {restarts} time(s), it rejoined and the migration completed {:.0} s later with {reconnects} reconnect(s); {guest}",
+        killed_at.elapsed().as_secs_f64()
     ))
 }
 

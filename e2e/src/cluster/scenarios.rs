@@ -1466,10 +1466,9 @@ fn network_cut_after_commit(c: &Ctx<'_>) -> Result<String> {
         "name",
     ])?;
     ensure!(!events.trim().is_empty(), "no Stalled event was recorded");
-    let reconnects = m["status"]["progress"]["reconnects"].as_u64().unwrap_or(0);
     let guest = vm::verify_guest(c.kube, &target)?;
     Ok(format!(
-        "network cut after the commit point: Stalled after {:.0} s, healed 3 s later; completed with {reconnects} reconnect(s), Stalled cleared; {guest}",
+        "network cut after the commit point: Stalled after {:.0} s, healed 3 s later; completed, Stalled cleared; {guest}",
         stalled_after.as_secs_f64()
     ))
 }
@@ -1505,10 +1504,21 @@ fn target_sidecar_killed_in_postcopy(c: &Ctx<'_>) -> Result<String> {
     let (restarts, _) =
         vm::container_state(&pod, "faultline-sidecar").context("no sidecar status")?;
     ensure!(restarts >= 1, "the target sidecar was not restarted");
-    let reconnects = m["status"]["progress"]["reconnects"].as_u64().unwrap_or(0);
+    // The restarted sidecar's own log: it found its record and took the trap over.
+    let log = c
+        .kube
+        .kubectl(&["logs", "-n", NAMESPACE, &target, "-c", "faultline-sidecar"])?;
+    let rejoined = log
+        .lines()
+        .find(|l| l.contains("trap rejoined"))
+        .with_context(|| format!("the restarted sidecar did not rejoin the trap:\n{log}"))?;
+    let invalid = serde_json::from_str::<Value>(rejoined)
+        .ok()
+        .and_then(|l| l["fields"]["invalid"].as_u64());
     let guest = vm::verify_guest(c.kube, &target)?;
     Ok(format!(
-        "target sidecar killed after the commit point ({killed} process(es)); restarted {restarts} time(s), it rejoined and the migration completed {:.0} s later with {reconnects} reconnect(s); {guest}",
+        "target sidecar killed after the commit point ({killed} process(es)); restarted {restarts} time(s), it rejoined the trap with {} pages still missing and the migration completed {:.0} s later; {guest}",
+        invalid.map_or_else(|| "?".into(), |n| n.to_string()),
         killed_at.elapsed().as_secs_f64()
     ))
 }

@@ -478,7 +478,16 @@ fn wrong_secret_is_rejected_at_the_handshake() {
             "{transport:?}: the error names the {named}: {s:#?}"
         );
         assert_eq!(s.progress.transferred_pages, 0);
-        let t = p.dst.sidecar.client().status("secret").expect("status");
+        // The target records the refusal on its own thread, which may come after the source
+        // has already given up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let t = loop {
+            let t = p.dst.sidecar.client().status("secret").expect("status");
+            if t.message.contains("refused") || Instant::now() > deadline {
+                break t;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert_eq!(
             t.progress.transferred_pages, 0,
             "nothing reached the target"

@@ -618,6 +618,17 @@ fn bad_requests_are_refused() {
     assert!(!node.trap_backends.is_empty());
 }
 
+/// Pure post-copy with a capped push, which keeps post-copy going for seconds (256 MiB at
+/// 32 MB/s): time to break things in the middle of it.
+fn capped_postcopy() -> Policy {
+    Policy {
+        mode: Mode::PostCopy,
+        precopy_passes: 0,
+        bandwidth_limit: 32_000_000,
+        ..Policy::default()
+    }
+}
+
 /// A TCP forwarder standing in for the network between the sidecars, whose connections the
 /// test can cut while new ones still get through.
 struct Proxy {
@@ -684,13 +695,7 @@ fn postcopy_survives_a_broken_link() {
     let mut p = pair("relink", &["--memory", "256M", "--vcpus", "2", "--prefill"]);
     let proxy = Proxy::start(p.dst.sidecar.migration_addr());
     let secret = Secret::generate().expect("secret");
-    // A capped push keeps post-copy going for seconds (256 MiB at 32 MB/s).
-    let policy = Policy {
-        mode: Mode::PostCopy,
-        precopy_passes: 0,
-        bandwidth_limit: 32_000_000,
-        ..Policy::default()
-    };
+    let policy = capped_postcopy();
     p.dst
         .sidecar
         .client()
@@ -757,13 +762,7 @@ fn a_target_sidecar_restarted_mid_postcopy_rejoins_and_finishes() {
             ],
         );
         let secret = Secret::generate().expect("secret");
-        // A capped push keeps post-copy going for seconds (256 MiB at 32 MB/s).
-        let policy = Policy {
-            mode: Mode::PostCopy,
-            precopy_passes: 0,
-            bandwidth_limit: 32_000_000,
-            ..Policy::default()
-        };
+        let policy = capped_postcopy();
         start(&p, &tag, &policy, &secret, &secret);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -91,21 +91,18 @@ fn handle(mut conn: Connection, vm: &Vm) {
             }
         };
         let id = frame.header.id;
-        if frame.header.kind == FrameKind::Request
+        // The two requests that may give this connection over to events; `respond` answers
+        // every other one, and these too when malformed.
+        let plain = frame.header.kind == FrameKind::Request
             && frame.fds.is_empty()
-            && frame.blob.is_empty()
-            && let Ok(Request::KvmUserfaultArm { host_accesses }) = Request::parse(&frame.json)
-        {
-            // This connection becomes the event channel: arm, reply, and read no more.
-            arm_kvm_userfault(conn, vm, id, host_accesses);
-            return;
-        }
-        if frame.header.kind == FrameKind::Request
-            && frame.fds.is_empty()
-            && frame.blob.is_empty()
-            && let Ok(Request::TrapRejoin) = Request::parse(&frame.json)
-        {
-            match rejoin_trap(&mut conn, vm, id) {
+            && frame.blob.is_empty();
+        match plain.then(|| Request::parse(&frame.json)) {
+            Some(Ok(Request::KvmUserfaultArm { host_accesses })) => {
+                // This connection becomes the event channel: arm, reply, and read no more.
+                arm_kvm_userfault(conn, vm, id, host_accesses);
+                return;
+            }
+            Some(Ok(Request::TrapRejoin)) => match rejoin_trap(&mut conn, vm, id) {
                 // Under KVM Userfault the connection now carries events only.
                 Ok(true) => return,
                 Ok(false) => continue,
@@ -113,7 +110,8 @@ fn handle(mut conn: Connection, vm: &Vm) {
                     tracing::warn!("cannot answer trap_rejoin: {e}");
                     return;
                 }
-            }
+            },
+            _ => {}
         }
         let shutdown = match respond(&mut conn, vm, frame) {
             Ok(shutdown) => shutdown,

@@ -95,13 +95,7 @@ impl UserfaultTrap {
             .filter_map(|(vcpu, w)| w.map(|(page, gpa, _)| (vcpu, gpa, page)))
             .collect();
         for &(vcpu, gpa, page) in &waits {
-            let event = Event::Userfault {
-                vcpu: vcpu as u32,
-                gpa,
-                page,
-            };
-            let json = serde_json::to_vec(&event).unwrap_or_default();
-            conn.write_frame(FrameKind::Event, 0, &json, &[], &[])?;
+            write_event(&mut conn, vcpu, gpa, page)?;
         }
         Ok(waits.len() as u32)
     }
@@ -193,19 +187,24 @@ impl UserfaultTrap {
 
 impl Armed {
     fn notify(&self, vcpu: usize, gpa: u64, page: u64) {
-        let event = Event::Userfault {
-            vcpu: vcpu as u32,
-            gpa,
-            page,
-        };
-        let json = serde_json::to_vec(&event).unwrap_or_default();
         let mut conn = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = conn.write_frame(FrameKind::Event, 0, &json, &[], &[])
+        if let Err(e) = write_event(&mut conn, vcpu, gpa, page)
             && !self.broken.swap(true, Ordering::AcqRel)
         {
             tracing::error!("cannot report userfaults to the sidecar ({e}); faulting vCPUs wait");
         }
     }
+}
+
+/// One `userfault` event frame: vCPU `vcpu` waits for `page` (at `gpa`).
+fn write_event(conn: &mut Connection, vcpu: usize, gpa: u64, page: u64) -> std::io::Result<()> {
+    let event = Event::Userfault {
+        vcpu: vcpu as u32,
+        gpa,
+        page,
+    };
+    let json = serde_json::to_vec(&event).unwrap_or_default();
+    conn.write_frame(FrameKind::Event, 0, &json, &[], &[])
 }
 
 #[cfg(test)]

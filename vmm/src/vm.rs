@@ -621,22 +621,14 @@ impl Vm {
         let pages = self.memory.pages();
         let bitmap = UserfaultBitmap::create_shared(pages)
             .map_err(|e| err(ErrorCode::Failed, e.to_string()))?;
-        let dup = |fd: BorrowedFd<'_>, what: &str| {
-            fd.try_clone_to_owned().map_err(|e| {
-                err(
-                    ErrorCode::Failed,
-                    format!("cannot duplicate the {what}: {e}"),
-                )
-            })
-        };
-        let handed = dup(
+        let handed = dup_fd(
             bitmap
                 .shared_fd()
                 .ok_or_else(|| err(ErrorCode::Failed, "the bitmap is not shared"))?,
             "bitmap fd",
         )?;
         let handed_uffd = match &host {
-            Some(uffd) => Some(dup(uffd.as_fd(), "userfaultfd")?),
+            Some(uffd) => Some(dup_fd(uffd.as_fd(), "userfaultfd")?),
             None => None,
         };
         // Turning the flag on zaps the memslot's mappings, so no page stays mapped unmarked.
@@ -727,18 +719,10 @@ impl Vm {
                 "trap_rejoin is only accepted by a VMM started with --incoming",
             ));
         }
-        let dup = |fd: BorrowedFd<'_>, what: &str| {
-            fd.try_clone_to_owned().map_err(|e| {
-                err(
-                    ErrorCode::Failed,
-                    format!("cannot duplicate the {what}: {e}"),
-                )
-            })
-        };
         let pages = self.memory.pages();
         let waiting_vcpus = self.userfault.waiting();
         if let Some(armed) = self.userfault.current() {
-            let mut fds = vec![dup(
+            let mut fds = vec![dup_fd(
                 armed
                     .bitmap
                     .shared_fd()
@@ -746,7 +730,7 @@ impl Vm {
                 "bitmap fd",
             )?];
             if let Some(host) = &ops.uffd {
-                fds.push(dup(host.as_fd(), "host-access userfaultfd")?);
+                fds.push(dup_fd(host.as_fd(), "host-access userfaultfd")?);
             }
             let invalid = armed.bitmap.marked();
             let reply = TrapRejoinReply {
@@ -793,7 +777,7 @@ impl Vm {
         };
         Ok(Rejoin {
             reply,
-            fds: vec![dup(uffd.as_fd(), "userfaultfd")?],
+            fds: vec![dup_fd(uffd.as_fd(), "userfaultfd")?],
             invalid,
             takes_events: false,
         })
@@ -886,6 +870,16 @@ impl Drop for Vm {
 }
 
 const PAGE: u64 = faultline::layout::PAGE_SIZE;
+
+/// A descriptor of ours to hand over (the receiver gets its own reference).
+fn dup_fd(fd: BorrowedFd<'_>, what: &str) -> Result<OwnedFd, ErrorReply> {
+    fd.try_clone_to_owned().map_err(|e| {
+        err(
+            ErrorCode::Failed,
+            format!("cannot duplicate the {what}: {e}"),
+        )
+    })
+}
 
 /// The userfaultfd features and register mode for a backing and mode.
 fn uffd_parameters(backing: BackingKind, mode: UffdMode) -> Result<(u64, u64), ErrorReply> {

@@ -32,7 +32,7 @@ use crate::migration::{Link, Stop};
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// A fault unanswered for this long is reported: in the migration's status message and in
 /// the `faults_past_deadline` metric.
-pub(super) const FAULT_WAIT_DEADLINE: Duration = Duration::from_secs(10);
+const FAULT_WAIT_DEADLINE: Duration = Duration::from_secs(10);
 /// At the end, replies still in flight are read and dropped for this long...
 const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 /// ...each read waiting at most this much.
@@ -151,15 +151,16 @@ impl Target<'_> {
             let fault_ready = fault_ready.to_vec();
             drop(fds);
             drop(fault_fds);
-            let (oldest, late) = {
-                let waiting = lock(waiting);
-                let oldest = waiting.values().min().map(Instant::elapsed);
-                let late = waiting
-                    .values()
-                    .filter(|t| t.elapsed() > FAULT_WAIT_DEADLINE)
-                    .count();
-                (oldest, late)
-            };
+            // One pass over the waiting faults: the oldest wait, and how many passed the deadline.
+            let (oldest, late) = lock(waiting).values().map(Instant::elapsed).fold(
+                (None, 0usize),
+                |(oldest, late): (Option<Duration>, usize), waited| {
+                    (
+                        oldest.max(Some(waited)),
+                        late + usize::from(waited > FAULT_WAIT_DEADLINE),
+                    )
+                },
+            );
             self.sidecar
                 .metrics
                 .oldest_fault_wait

@@ -23,7 +23,7 @@ use anyhow::Context;
 use faultline::guest_memory::GuestMemory;
 use faultline::sidecar_api::Phase;
 use faultline::vmm_protocol::VmmClient;
-use faultline::vmm_protocol::messages::{HelloReply, VmState};
+use faultline::vmm_protocol::messages::HelloReply;
 use faultline::wire::{Channel, Control, layout_digest};
 
 use crate::migration::{Accepted, Migration, Stop};
@@ -44,27 +44,12 @@ pub fn run(
     m: &Arc<Migration>,
     inbox: Receiver<Accepted>,
 ) -> Result<(), Stop> {
-    let mut vmm = VmmClient::connect(&sidecar.vmm_socket).context("cannot reach the VMM")?;
-    let (hello, fds) = vmm.hello(CLIENT_NAME).context("VMM hello failed")?;
-    if !hello.incoming {
-        return Err(Stop::failed("the VMM is not in incoming mode"));
-    }
-    let mem = GuestMemory::open(&hello.layout, fds).context("cannot open guest memory")?;
-    let total = mem.total_pages();
-    m.counters.set_total(total);
-    let _ = m.digest.set(layout_digest(&hello.layout));
+    let (mut t, mem) = Target::join(sidecar, m)?;
     m.set_phase(Phase::Waiting, "waiting for the source to connect");
 
     let mut conns = Conns::new(inbox, m.deadline());
     let main = Conn::new(conns.take(Channel::Main, m)?)?;
     m.set_phase(Phase::Connecting, "source connected and authenticated");
-    let mut t = Target {
-        sidecar,
-        m,
-        vmm,
-        hello,
-        total,
-    };
     let result = t.migrate(main, &mut conns, mem);
     if let Err(e) = &result
         && !m.committed()
@@ -84,28 +69,11 @@ pub fn rejoin(
     m: &Arc<Migration>,
     inbox: Receiver<Accepted>,
 ) -> Result<(), Stop> {
-    let mut vmm = VmmClient::connect(&sidecar.vmm_socket).context("cannot reach the VMM")?;
-    let (hello, fds) = vmm.hello(CLIENT_NAME).context("VMM hello failed")?;
-    if !hello.incoming || hello.state == VmState::Incoming {
-        return Err(Stop::failed(
-            "nothing to rejoin: the VM never arrived here (the migration ended before its commit point, so the source kept it)",
-        ));
-    }
-    let mem = GuestMemory::open(&hello.layout, fds).context("cannot open guest memory")?;
-    let total = mem.total_pages();
-    m.counters.set_total(total);
-    let _ = m.digest.set(layout_digest(&hello.layout));
-    let mut t = Target {
-        sidecar,
-        m,
-        vmm,
-        hello,
-        total,
-    };
+    // `crate::lifecycle` asked the VMM whether the VM ran here before it started this.
+    let (mut t, mem) = Target::join(sidecar, m)?;
     let mut armed = t.rejoin_trap(mem)?;
-    let invalid = total - armed.installer.states().valid_count();
+    let invalid = t.total - armed.installer.states().valid_count();
     m.counters.set_remaining(invalid);
-    tracing::info!(invalid, "rejoined the trap after a restart");
     m.set_phase(
         Phase::PostCopy,
         format!("rejoined after a restart: {invalid} pages to fetch; waiting for the source to reconnect"),
@@ -121,6 +89,30 @@ struct Target<'a> {
     vmm: VmmClient,
     hello: HelloReply,
     total: u64,
+}
+
+impl<'a> Target<'a> {
+    /// Joins the VMM in incoming mode for migration `m`: its memory, and the size and layout
+    /// digest the source must match.
+    fn join(sidecar: &'a Sidecar, m: &'a Migration) -> Result<(Self, GuestMemory), Stop> {
+        let mut vmm = VmmClient::connect(&sidecar.vmm_socket).context("cannot reach the VMM")?;
+        let (hello, fds) = vmm.hello(CLIENT_NAME).context("VMM hello failed")?;
+        if !hello.incoming {
+            return Err(Stop::failed("the VMM is not in incoming mode"));
+        }
+        let mem = GuestMemory::open(&hello.layout, fds).context("cannot open guest memory")?;
+        let total = mem.total_pages();
+        m.counters.set_total(total);
+        let _ = m.digest.set(layout_digest(&hello.layout));
+        let t = Target {
+            sidecar,
+            m,
+            vmm,
+            hello,
+            total,
+        };
+        Ok((t, mem))
+    }
 }
 
 impl Target<'_> {

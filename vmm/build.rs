@@ -1,11 +1,11 @@
 //! Assembles the built-in guest programs from `guest/*.S` with the system's GNU assembler and
 //! flattens them to raw binaries with objcopy (both from binutils, present wherever gcc is).
-//! No prebuilt blobs are committed.
+//! No prebuilt blobs are committed. In order: `pc-boot` includes the flat `memtouch`.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["memtouch"];
+const PROGRAMS: &[&str] = &["memtouch", "pc-boot"];
 
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| {
@@ -24,7 +24,12 @@ fn main() {
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.o"));
         let bin = out.join(format!("{name}.bin"));
-        run(Command::new("as").args(["--64", "-o"]).arg(&obj).arg(&src));
+        run(Command::new("as")
+            .args(["--64", "-I"])
+            .arg(&out)
+            .arg("-o")
+            .arg(&obj)
+            .arg(&src));
         run(Command::new("objcopy")
             .args(["-O", "binary", "--only-section=.text"])
             .arg(&obj)

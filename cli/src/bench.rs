@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::demo::{self, DemoArgs, DirtyRate, ModeArg, Report, TransportArg};
 use crate::floors::{self, Floors};
+use crate::peer_qemu::{self, PeerRun, Strategy, Workload};
 use faultline::policy::Transport;
 
 #[derive(Args, Clone, Debug)]
@@ -23,11 +24,45 @@ pub struct BenchArgs {
     /// Backing of the guests' memory.
     #[arg(long, default_value = "memfd")]
     pub backing: String,
+    /// Also run another VMM's own live migration of the same guest, side by side with
+    /// Faultline's (one vCPU, the same memory, prefilled, the same paced dirty rates).
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// QEMU (`qemu-system-x86_64` on the PATH, or FAULTLINE_QEMU), with KVM.
+    Qemu,
+}
+
+/// The paced dirty rates the comparison runs at: a quiet guest, and a busy one that both VMMs
+/// can still run at its pace on a KVM that emulates guest instructions (memtouch tops out at
+/// about 4,000–9,000 iterations a second there).
+const PEER_RATES: [(&str, u64); 2] = [("quiet", 2_000), ("busy", 4_000)];
+
+#[derive(Serialize, Debug)]
+pub struct PeerReport {
+    /// QEMU's version line.
+    pub peer: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    /// Faultline's memory backing (QEMU's is anonymous memory, its default).
+    pub faultline_backing: String,
+    pub rates: Vec<PeerRate>,
+    pub runs: Vec<PeerRun>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct PeerRate {
+    pub name: &'static str,
+    pub pages_per_sec: u64,
 }
 
 #[derive(Serialize, Debug)]
 pub struct Target {
-    pub name: &'static str,
+    pub name: String,
     pub value: f64,
     pub unit: &'static str,
     /// What the value is compared with, in the same unit.
@@ -50,6 +85,8 @@ pub struct BenchReport {
     pub warmup: Report,
     pub runs: Vec<Report>,
     pub targets: Vec<Target>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerReport>,
     pub duration_s: f64,
 }
 
@@ -119,6 +156,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
             backing: args.backing.clone(),
             mode,
             dirty_rate: rate,
+            pages_per_sec: None,
             precopy_passes: Some(passes),
             // The downtime the issue asks for: pre-copy only stops to copy what fits in it.
             max_downtime_ms: 20,
@@ -147,10 +185,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         runs.push(migrate(mode, rate, passes, transport)?);
     }
     let targets = targets(&floors, &runs, memory);
+    let peer = match args.peer {
+        Some(Peer::Qemu) => Some(compare_with_qemu(args, &floors, &say)?),
+        None => None,
+    };
     let report = BenchReport {
         command: format!(
-            "faultline bench{}{}",
+            "faultline bench{}{}{}",
             if args.quick { " --quick" } else { "" },
+            if args.peer.is_some() {
+                " --peer qemu"
+            } else {
+                ""
+            },
             if args.json { " --json" } else { "" }
         ),
         quick: args.quick,
@@ -159,6 +206,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         warmup,
         runs,
         targets,
+        peer,
         duration_s: started.elapsed().as_secs_f64(),
     };
     if args.json {
@@ -196,7 +244,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
         ] {
             let ratio = value / fault_floor;
             out.push(Target {
-                name,
+                name: name.into(),
                 value,
                 unit: "us",
                 reference: fault_floor,
@@ -210,7 +258,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
         let ideal_ms = memory as f64 / f.tcp_bandwidth_bytes_per_sec * 1e3;
         let ratio = pc.total_ms / ideal_ms;
         out.push(Target {
-            name: "postcopy_total_time_idle",
+            name: "postcopy_total_time_idle".into(),
             value: pc.total_ms,
             unit: "ms",
             reference: ideal_ms,
@@ -224,7 +272,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
     if let Some(pre) = find(runs, Mode::PreCopy, DirtyRate::Idle) {
         let ratio = pre.throughput_bytes_per_sec / f.tcp_bandwidth_bytes_per_sec;
         out.push(Target {
-            name: "bulk_throughput",
+            name: "bulk_throughput".into(),
             value: pre.throughput_bytes_per_sec,
             unit: "bytes/s",
             reference: f.tcp_bandwidth_bytes_per_sec,
@@ -238,7 +286,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
         // cannot avoid.
         let ratio = pre.throughput_bytes_per_sec / f.fresh_memory_write_bytes_per_sec;
         out.push(Target {
-            name: "bulk_throughput_vs_fresh_memory",
+            name: "bulk_throughput_vs_fresh_memory".into(),
             value: pre.throughput_bytes_per_sec,
             unit: "bytes/s",
             reference: f.fresh_memory_write_bytes_per_sec,
@@ -257,7 +305,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
     ) {
         let ratio = tls.throughput_bytes_per_sec / plain.throughput_bytes_per_sec.max(1.0);
         out.push(Target {
-            name: "tls_bulk_throughput",
+            name: "tls_bulk_throughput".into(),
             value: tls.throughput_bytes_per_sec,
             unit: "bytes/s",
             reference: plain.throughput_bytes_per_sec,
@@ -277,7 +325,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
         let reference = plain.fault_latency_us.p50 as f64;
         let added = tls_p50 - reference;
         out.push(Target {
-            name: "tls_fault_latency_p50_added",
+            name: "tls_fault_latency_p50_added".into(),
             value: added,
             unit: "us",
             reference,
@@ -293,7 +341,7 @@ fn targets(f: &Floors, runs: &[Report], memory: u64) -> Vec<Target> {
         .filter_map(|r| r.downtime_ms)
         .fold(0.0f64, f64::max);
     out.push(Target {
-        name: "downtime_worst_2_vcpus",
+        name: "downtime_worst_2_vcpus".into(),
         value: worst,
         unit: "ms",
         reference: 20.0,
@@ -366,9 +414,235 @@ fn print_table(r: &BenchReport) {
         );
     }
     println!("\nTargets (ratios to the floors above):");
-    for t in &r.targets {
+    print_targets(&r.targets);
+    if let Some(p) = &r.peer {
+        print_peer(p);
+    }
+    println!("\n{} in {:.0} s", r.command, r.duration_s);
+}
+
+/// Runs the side-by-side comparison with QEMU: for each paced rate and each strategy, QEMU's
+/// migration and Faultline's of the same guest, one after the other (alternating which goes
+/// first, so neither always gets the quieter moment).
+fn compare_with_qemu(
+    args: &BenchArgs,
+    floors: &Floors,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<PeerReport> {
+    let peer = faultline_local::qemu::qemu_version()?;
+    let tsc_khz = faultline_vmm::guest::guest_tsc_khz()?;
+    let memory: u64 = if args.quick { 256 << 20 } else { 1 << 30 };
+    // The quick form keeps every strategy on both VMMs (so none can rot) at the busy rate.
+    let rates: Vec<(&'static str, u64)> = if args.quick {
+        PEER_RATES[1..].to_vec()
+    } else {
+        PEER_RATES.to_vec()
+    };
+    let mut runs = Vec::new();
+    let mut qemu_first = true;
+    for &(name, pages_per_sec) in &rates {
+        let w = Workload {
+            memory,
+            pages_per_sec,
+            tsc_khz,
+            warmup: Duration::from_secs(1),
+            verify_for: Duration::from_secs(3),
+            max_downtime_ms: 20,
+        };
+        for s in Strategy::ALL {
+            say(&format!(
+                "side by side with {peer}: {} guest, 1 vCPU, {name} ({pages_per_sec} pages/s), {} …",
+                faultline::units::format_size(memory),
+                s.describe()
+            ));
+            let qemu = || peer_qemu::run_qemu(&w, s);
+            let ours = || peer_qemu::run_faultline(&w, s, &args.backing);
+            if qemu_first {
+                runs.push(qemu()?);
+                runs.push(ours()?);
+            } else {
+                runs.push(ours()?);
+                runs.push(qemu()?);
+            }
+            qemu_first = !qemu_first;
+        }
+    }
+    let targets = peer_targets(floors, &runs, &rates);
+    Ok(PeerReport {
+        peer,
+        memory_bytes: memory,
+        vcpus: 1,
+        faultline_backing: args.backing.clone(),
+        rates: rates
+            .iter()
+            .map(|&(name, pages_per_sec)| PeerRate {
+                name,
+                pages_per_sec,
+            })
+            .collect(),
+        runs,
+        targets,
+    })
+}
+
+fn peer_targets(f: &Floors, runs: &[PeerRun], rates: &[(&'static str, u64)]) -> Vec<Target> {
+    let mut out = Vec::new();
+    let find = |vmm: &str, s: Strategy, rate: u64| {
+        runs.iter()
+            .find(|r| r.vmm == vmm && r.strategy == s && r.pages_per_sec == rate)
+    };
+    let mut push =
+        |name: String, value: f64, unit, reference: f64, reference_is, limit, at_most| {
+            let ratio = value / reference.max(1e-9);
+            out.push(Target {
+                name,
+                value,
+                unit,
+                reference,
+                reference_is,
+                ratio,
+                limit,
+                bound: if at_most { "at most" } else { "at least" },
+                met: if at_most {
+                    ratio <= limit
+                } else {
+                    ratio >= limit
+                },
+            });
+        };
+    for &(rate_name, rate) in rates {
+        let pair = |s| find("faultline", s, rate).zip(find("qemu", s, rate));
+        if let Some((ours, qemu)) = pair(Strategy::PostcopyAtStart) {
+            push(
+                format!("postcopy_total_time_vs_qemu_{rate_name}"),
+                ours.total_ms,
+                "ms",
+                qemu.total_ms,
+                "QEMU's post-copy at start, same guest, same run",
+                0.7,
+                true,
+            );
+            push(
+                format!("postcopy_switchover_pause_vs_qemu_{rate_name}"),
+                ours.downtime_ms,
+                "ms",
+                qemu.downtime_ms,
+                "QEMU's post-copy switch-over downtime",
+                0.2,
+                true,
+            );
+            if let (Some(a), Some(b)) = (ours.guest_time_lost_ms, qemu.guest_time_lost_ms) {
+                push(
+                    format!("postcopy_guest_time_lost_vs_qemu_{rate_name}"),
+                    a.max(0.0),
+                    "ms",
+                    b.max(0.0),
+                    "guest time QEMU's post-copy cost the same guest",
+                    0.5,
+                    true,
+                );
+            }
+        }
+        if let Some((ours, qemu)) = pair(Strategy::Precopy) {
+            push(
+                format!("precopy_total_time_vs_qemu_{rate_name}"),
+                ours.total_ms,
+                "ms",
+                qemu.total_ms,
+                "QEMU's pre-copy, same guest, same run",
+                0.5,
+                true,
+            );
+            push(
+                format!("precopy_downtime_vs_qemu_{rate_name}"),
+                ours.downtime_ms,
+                "ms",
+                qemu.downtime_ms,
+                "QEMU's pre-copy downtime",
+                0.1,
+                true,
+            );
+        }
+        let ours = |s| find("faultline", s, rate);
+        if let (Some(post), Some(pre)) = (ours(Strategy::PostcopyAtStart), ours(Strategy::Precopy))
+        {
+            push(
+                format!("postcopy_push_vs_precopy_bulk_{rate_name}"),
+                post.throughput_bytes_per_sec,
+                "bytes/s",
+                pre.throughput_bytes_per_sec,
+                "Faultline's own pre-copy throughput, same guest",
+                0.9,
+                false,
+            );
+            push(
+                format!("precopy_bulk_vs_fresh_memory_{rate_name}"),
+                pre.throughput_bytes_per_sec,
+                "bytes/s",
+                f.fresh_memory_write_bytes_per_sec,
+                "writing never-touched memory (floor of this run)",
+                0.8,
+                false,
+            );
+        }
+    }
+    out
+}
+
+fn print_peer(p: &PeerReport) {
+    println!(
+        "\nSide by side with {} ({} guests, 1 vCPU, every page written first; Faultline on {} memory over TLS 1.3, QEMU on anonymous memory over plain TCP):",
+        p.peer,
+        faultline::units::format_size(p.memory_bytes),
+        p.faultline_backing
+    );
+    println!(
+        "  {:<6} {:<23} {:<9} {:>9} {:>11} {:>9} {:>9} {:>7} {:>12} {:>10}",
+        "rate",
+        "strategy",
+        "vmm",
+        "it/s",
+        "total ms",
+        "pause ms",
+        "MB/s",
+        "faults",
+        "blocked",
+        "lost ms"
+    );
+    for r in &p.runs {
+        let rate = p
+            .rates
+            .iter()
+            .find(|x| x.pages_per_sec == r.pages_per_sec)
+            .map(|x| x.name)
+            .unwrap_or("?");
+        let blocked = match (r.fault_latency_us, r.blocktime_ms) {
+            (Some(l), _) => format!("p50 {} µs", l.p50),
+            (None, Some(b)) => format!("{b} ms"),
+            (None, None) => "-".into(),
+        };
         println!(
-            "  {:<28} {:>12.1} {:<7} ratio {:>6.2} ({} {}) {}",
+            "  {:<6} {:<23} {:<9} {:>9.0} {:>11.0} {:>9.2} {:>9.0} {:>7} {:>12} {:>10.0}",
+            rate,
+            r.strategy.describe(),
+            r.vmm,
+            r.rate_before_per_sec,
+            r.total_ms,
+            r.downtime_ms,
+            r.throughput_bytes_per_sec / 1e6,
+            r.faults,
+            blocked,
+            r.guest_time_lost_ms.unwrap_or(f64::NAN)
+        );
+    }
+    println!("\nTargets against the peer (ratios within this run):");
+    print_targets(&p.targets);
+}
+
+fn print_targets(targets: &[Target]) {
+    for t in targets {
+        println!(
+            "  {:<44} {:>12.1} {:<7} ratio {:>6.2} ({} {}) {}",
             t.name,
             t.value,
             t.unit,
@@ -378,5 +652,4 @@ fn print_table(r: &BenchReport) {
             if t.met { "met" } else { "MISSED" }
         );
     }
-    println!("\n{} in {:.0} s", r.command, r.duration_s);
 }

@@ -74,6 +74,11 @@ pub struct DemoArgs {
     /// memtouch dirty-rate preset.
     #[arg(long, value_enum, default_value = "moderate")]
     pub dirty_rate: DirtyRate,
+    /// Instead of a preset: every vCPU rewrites this many pages per second, paced by the
+    /// guest's TSC (the benchmark's workload, the same on QEMU); the report then says how much
+    /// guest time the migration cost.
+    #[arg(long, conflicts_with = "dirty_rate", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pages_per_sec: Option<u64>,
     /// Pre-copy passes before switching (post-copy) or at most (pre-copy, hybrid). Default:
     /// 1 for post-copy, the policy default otherwise.
     #[arg(long)]
@@ -131,7 +136,41 @@ pub struct GuestVerdict {
     /// Full verification sweeps per vCPU completed on the target after the migration.
     pub sweeps_after: Vec<u32>,
     pub verified_for_s: f64,
+    /// memtouch iterations per second (all vCPUs) just before the migration started.
+    pub rate_before_per_sec: f64,
+    /// Guest time the migration cost, from its start to the end of the verification: the
+    /// window less the time the work done in it takes at `rate_before_per_sec`.
+    pub time_lost_ms: Option<f64>,
     pub ok: bool,
+}
+
+/// A guest's progress counter (memtouch's iterations, summed over vCPUs) at a moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub at: Instant,
+    pub iterations: u64,
+}
+
+/// The guest's rate over `before`..`start`, and the time it lost over `start`..`end` against
+/// that rate, in milliseconds (None without a measurable rate). One definition for every VMM
+/// the benchmark runs.
+pub fn guest_time_lost(before: Progress, start: Progress, end: Progress) -> (f64, Option<f64>) {
+    let span = start.at.saturating_duration_since(before.at).as_secs_f64();
+    let rate = start.iterations.saturating_sub(before.iterations) as f64 / span.max(1e-9);
+    if span <= 0.0 || rate <= 0.0 {
+        return (0.0, None);
+    }
+    let window = end.at.saturating_duration_since(start.at).as_secs_f64();
+    let done = end.iterations.saturating_sub(start.iterations) as f64;
+    (rate, Some((window - done / rate) * 1e3))
+}
+
+fn progress_of(vmm: &VmmProcess) -> anyhow::Result<Progress> {
+    let st = vmm.client()?.status().context("VMM status")?;
+    Ok(Progress {
+        at: Instant::now(),
+        iterations: st.vcpu_status.iter().map(|v| u64::from(v.progress)).sum(),
+    })
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -155,6 +194,8 @@ pub struct Report {
     pub target_sidecar_restarts: u32,
     pub vcpus: u32,
     pub dirty_rate: DirtyRate,
+    /// The paced dirty rate per vCPU, if one was asked instead of the preset.
+    pub pages_per_sec: Option<u64>,
     pub total_ms: f64,
     pub downtime_ms: Option<f64>,
     pub precopy_rounds: u32,
@@ -219,7 +260,10 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         vm_args.extend(["--below-4g".into(), format_size(below)]);
     }
     let mut src_args = vm_args.clone();
-    src_args.extend(["--dirty-rate".into(), args.dirty_rate.as_str().into()]);
+    match args.pages_per_sec {
+        Some(n) => src_args.extend(["--pages-per-sec".into(), n.to_string()]),
+        None => src_args.extend(["--dirty-rate".into(), args.dirty_rate.as_str().into()]),
+    }
     if args.prefill {
         src_args.push("--prefill".into());
     }
@@ -272,6 +316,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         })
         .collect();
     step(&format!("letting the guest run for {:?}", args.warmup));
+    let before = progress_of(&src_vmm).context("source VMM")?;
     std::thread::sleep(args.warmup);
 
     let mut policy = Policy {
@@ -297,6 +342,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
     let (sc, dc) = (src.client(), dst.client());
     dc.start(&req(Role::Target, None))
         .context("starting the target")?;
+    let at_start = progress_of(&src_vmm).context("source VMM")?;
     let started = Instant::now();
     sc.start(&req(Role::Source, Some(dst.migration_addr())))
         .context("starting the source")?;
@@ -388,6 +434,8 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
                 heartbeats_after: vec![],
                 sweeps_after: vec![],
                 verified_for_s: 0.0,
+                rate_before_per_sec: guest_time_lost(before, at_start, at_start).0,
+                time_lost_ms: None,
                 ok: st.failures == 0,
             },
         );
@@ -400,7 +448,7 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
         args.verify_for
     ));
     let _ = src_vmm.wait(Duration::from_secs(30));
-    let verdict = verify(&dst_vmm, args.verify_for)?;
+    let verdict = verify(&dst_vmm, args.verify_for, (before, at_start))?;
     let _ = dst_vmm.shutdown();
     Ok(report_from(
         args,
@@ -448,12 +496,26 @@ fn phase_name(p: Phase) -> String {
 
 /// Lets the guest run on the target for `how_long` and checks it progressed on every vCPU
 /// without a single verification failure.
-fn verify(vmm: &VmmProcess, how_long: Duration) -> anyhow::Result<GuestVerdict> {
+/// `pace` holds the source's progress before and at the migration's start.
+fn verify(
+    vmm: &VmmProcess,
+    how_long: Duration,
+    pace: (Progress, Progress),
+) -> anyhow::Result<GuestVerdict> {
     let mut c = vmm.client().context("target VMM")?;
     let before: VmStatus = c.status().context("target status")?;
     let t = Instant::now();
     std::thread::sleep(how_long);
     let after = c.status().context("target status")?;
+    let end = Progress {
+        at: Instant::now(),
+        iterations: after
+            .vcpu_status
+            .iter()
+            .map(|v| u64::from(v.progress))
+            .sum(),
+    };
+    let (rate_before_per_sec, time_lost_ms) = guest_time_lost(pace.0, pace.1, end);
     let heartbeats_after: Vec<u64> = after
         .heartbeats
         .iter()
@@ -473,6 +535,8 @@ fn verify(vmm: &VmmProcess, how_long: Duration) -> anyhow::Result<GuestVerdict> 
         heartbeats_after,
         sweeps_after,
         verified_for_s: t.elapsed().as_secs_f64(),
+        rate_before_per_sec,
+        time_lost_ms,
         ok,
     })
 }
@@ -501,6 +565,7 @@ fn report_from(
         target_sidecar_restarts: restarts,
         vcpus: args.vcpus,
         dirty_rate: args.dirty_rate,
+        pages_per_sec: args.pages_per_sec,
         total_ms: s.elapsed_s * 1e3,
         downtime_ms: p.downtime_ms,
         precopy_rounds: p.precopy_rounds,
@@ -528,7 +593,10 @@ fn print_report(r: &Report) {
         format_size(r.memory_bytes),
         r.vcpus,
         r.backing,
-        r.dirty_rate.as_str()
+        match r.pages_per_sec {
+            Some(n) => format!("{n} pages/s per vCPU"),
+            None => r.dirty_rate.as_str().to_string(),
+        }
     );
     if let Some(e) = &r.error {
         println!("  error:            {e}");
@@ -584,7 +652,33 @@ fn print_report(r: &Report) {
         g.heartbeats_after,
         g.sweeps_after
     );
+    if let Some(lost) = g.time_lost_ms {
+        println!(
+            "  guest time lost:  {lost:.0} ms (against its {:.0} iterations/s before the migration)",
+            g.rate_before_per_sec
+        );
+    }
     if !g.failed_pages.is_empty() {
         println!("  failed pages:     {:?}", g.failed_pages);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_lost_is_the_window_less_the_work_done_at_the_earlier_rate() {
+        let t = Instant::now();
+        let p = |ms: u64, iterations| Progress {
+            at: t + Duration::from_millis(ms),
+            iterations,
+        };
+        // 1000 iterations/s, then 2 s in which only 1500 were done: 500 ms lost.
+        let (rate, lost) = guest_time_lost(p(0, 0), p(1000, 1000), p(3000, 2500));
+        assert!((rate - 1000.0).abs() < 1e-6);
+        assert!((lost.unwrap() - 500.0).abs() < 1e-6);
+        // No measurable rate: nothing to say.
+        assert_eq!(guest_time_lost(p(0, 5), p(1000, 5), p(2000, 9)).1, None);
     }
 }

@@ -2,12 +2,14 @@
 //!
 //! - `faultline demo` migrates a live, self-verifying VM between two VMMs on this machine and
 //!   reports how it went;
-//! - `faultline bench` measures the physical floors and Faultline against them;
+//! - `faultline bench` measures the physical floors and Faultline against them (and, with
+//!   `--peer qemu`, against QEMU's own live migration of the same guest);
 //! - `faultline probe` says which trap mechanisms this kernel offers.
 
 mod bench;
 mod demo;
 mod floors;
+mod peer_qemu;
 
 use clap::{Parser, Subcommand};
 

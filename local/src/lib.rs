@@ -1,5 +1,5 @@
 //! Faultline on one machine: start real `faultline-vmm` and `faultline-sidecar` processes and
-//! talk to the sidecars' HTTP API. What `faultline demo`, the benchmark and the tests use to
+//! talk to the sidecars' HTTP API (and start QEMU, the benchmark's peer). What `faultline demo`, the benchmark and the tests use to
 //! build a source and a target on loopback.
 //!
 //! A harness, not part of any deployed component: the VMM, the sidecar and the operator do not
@@ -9,6 +9,7 @@
 pub mod client;
 pub mod pki;
 pub mod process;
+pub mod qemu;
 
 pub use client::{ClientError, ClientTls, SidecarClient};
 pub use process::{LocalError, SidecarProcess, VmmProcess, binary};

@@ -10,9 +10,9 @@ use faultline::vmm_protocol::VmmClient;
 use faultline::vmm_protocol::messages::VmStatus;
 
 /// How long a process may take to become ready (or to exit when asked).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a wait for a process looks again.
-const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -63,7 +63,7 @@ pub fn binary(name: &str) -> Result<PathBuf, LocalError> {
         })
 }
 
-fn scratch_dir(tag: &str) -> Result<PathBuf, LocalError> {
+pub(crate) fn scratch_dir(tag: &str) -> Result<PathBuf, LocalError> {
     let mut rand = [0u8; 6];
     let _ = getrandom::fill(&mut rand);
     let suffix: String = rand.iter().map(|b| format!("{b:02x}")).collect();
@@ -95,7 +95,7 @@ fn spawn(bin: &str, args: &[String], what: &str, log: &Path) -> Result<Child, Lo
         .map_err(err)
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")

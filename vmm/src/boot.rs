@@ -24,7 +24,7 @@ pub const STACK_SIZE: u64 = 0x2000;
 pub const LOAD_ADDR: u64 = 0x10_0000;
 pub const MAX_PROGRAM_LEN: usize = 0x10_0000;
 /// The first byte the program may use freely (RCX).
-pub const FREE_ADDR: u64 = 0x20_0000;
+pub use faultline_vmm::guest::FREE_ADDR;
 /// RAM must be a whole number of the 2 MiB pages the identity map uses.
 pub const RAM_ALIGN: u64 = 2 << 20;
 pub const MAX_RAM: u64 = 64 << 30;

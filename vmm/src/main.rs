@@ -7,7 +7,6 @@
 mod boot;
 mod control;
 mod cpuid;
-mod guest;
 mod memory;
 mod ram_map;
 mod userfault;
@@ -29,9 +28,9 @@ use faultline::vmm_protocol::messages::{VmState, VmStatus};
 // modules keep reaching it as `crate::state` and `crate::accounting`.
 use faultline_vmm::{accounting, state};
 
-use crate::guest::{DirtyRate, MemtouchArgs};
 use crate::ram_map::RamMap;
 use crate::vm::{Vm, VmConfig};
+use faultline_vmm::guest::{self, DirtyRate, MemtouchArgs};
 
 #[derive(Parser, Debug)]
 #[command(name = "faultline-vmm", version, about, long_about = None)]
@@ -58,6 +57,10 @@ struct Cli {
     /// memtouch: dirty-rate preset (sets write intensity, heartbeat interval and sleep).
     #[arg(long, value_enum, default_value = "moderate")]
     dirty_rate: DirtyRate,
+    /// memtouch: rewrite this many pages per second on each vCPU, paced by the TSC (instead of
+    /// a preset; a vCPU that falls behind does not catch up, so lost guest time shows).
+    #[arg(long, conflicts_with_all = ["dirty_rate", "write_intensity"], value_parser = clap::value_parser!(u64).range(1..))]
+    pages_per_sec: Option<u64>,
     /// memtouch: fraction of usable RAM in the working set (0 < f <= 1).
     #[arg(long, value_parser = parse_fraction)]
     working_set: Option<f64>,
@@ -176,7 +179,13 @@ fn main() {
 
 fn program_and_args(cli: &Cli) -> anyhow::Result<(Vec<u8>, Vec<u64>, Option<MemtouchArgs>)> {
     if cli.guest == "memtouch" {
-        let mut args = MemtouchArgs::preset(cli.dirty_rate);
+        let mut args = match cli.pages_per_sec {
+            Some(n) => MemtouchArgs::paced(
+                n,
+                guest::guest_tsc_khz().context("pacing memtouch needs the guest TSC rate")?,
+            ),
+            None => MemtouchArgs::preset(cli.dirty_rate),
+        };
         if let Some(ws) = cli.working_set {
             args.working_set_permille = ((ws * 1000.0).round() as u64).clamp(1, 1000);
         }

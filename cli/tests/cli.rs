@@ -154,3 +154,105 @@ fn demo_guest_memfd_postcopy_is_done_or_explicitly_unavailable() {
         other => panic!("exit {other:?}: {stderr}"),
     }
 }
+
+/// The paced guest keeps its pace on our VMM, and the report says what the migration cost it.
+#[test]
+fn demo_with_a_paced_guest_reports_the_guest_time_lost() {
+    if !kvm_available() {
+        return;
+    }
+    let r = demo(&[
+        "--vcpus",
+        "1",
+        "--mode",
+        "postcopy",
+        "--precopy-passes",
+        "0",
+        "--prefill",
+        "--pages-per-sec",
+        "1000",
+    ]);
+    assert_eq!(r["result"], "succeeded");
+    assert_eq!(r["pages_per_sec"], 1000);
+    let rate = r["guest"]["rate_before_per_sec"].as_f64().expect("a rate");
+    assert!(
+        (900.0..1100.0).contains(&rate),
+        "the guest kept 1000 pages/s within 10% before the migration, not {rate}"
+    );
+    assert!(r["guest"]["time_lost_ms"].is_f64(), "{r}");
+}
+
+/// The benchmark's comparison with QEMU, in its quick form: QEMU's own migration of the same
+/// guest and Faultline's, for every strategy, side by side (QEMU is a prerequisite of the
+/// suite: scripts/test installs Debian's qemu-system-x86).
+#[test]
+fn bench_quick_compares_with_qemu_side_by_side() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["bench", "--quick", "--peer", "qemu", "--json"])
+        .output()
+        .expect("run faultline bench");
+    assert!(
+        out.status.success(),
+        "bench failed ({:?}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let peer = &r["peer"];
+    assert!(
+        peer["peer"].as_str().unwrap_or("").starts_with("QEMU"),
+        "{peer}"
+    );
+    let runs = peer["runs"].as_array().expect("runs");
+    for vmm in ["qemu", "faultline"] {
+        for strategy in ["precopy", "postcopy-at-start", "postcopy-after-first-pass"] {
+            let run = runs
+                .iter()
+                .find(|x| x["vmm"] == vmm && x["strategy"] == strategy)
+                .unwrap_or_else(|| panic!("no {vmm} {strategy} run in {peer}"));
+            assert_eq!(run["guest_failures"], 0, "{run}");
+            assert!(run["sweeps_after"].is_u64(), "{run}");
+            assert!(run["total_ms"].as_f64().unwrap_or(0.0) > 0.0, "{run}");
+            // Every page of the working set holds data: about 250 MiB must cross.
+            assert!(
+                run["bytes_sent"].as_u64().unwrap_or(0) >= 200 << 20,
+                "{run}"
+            );
+            let rate = run["rate_before_per_sec"].as_f64().unwrap_or(0.0);
+            let asked = run["pages_per_sec"].as_f64().unwrap_or(0.0);
+            assert!(
+                (rate - asked).abs() < asked * 0.1,
+                "{vmm} kept the guest's pace within 10% before migrating: {run}"
+            );
+        }
+    }
+    // Post-copy from the start faults on both.
+    for vmm in ["qemu", "faultline"] {
+        let run = runs
+            .iter()
+            .find(|x| x["vmm"] == vmm && x["strategy"] == "postcopy-at-start")
+            .expect("post-copy run");
+        assert!(run["faults"].as_u64().unwrap_or(0) > 0, "{run}");
+    }
+    let names: Vec<&str> = peer["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    for t in [
+        "postcopy_total_time_vs_qemu_busy",
+        "postcopy_switchover_pause_vs_qemu_busy",
+        "postcopy_guest_time_lost_vs_qemu_busy",
+        "precopy_total_time_vs_qemu_busy",
+        "precopy_downtime_vs_qemu_busy",
+        "postcopy_push_vs_precopy_bulk_busy",
+        "precopy_bulk_vs_fresh_memory_busy",
+    ] {
+        assert!(names.contains(&t), "target {t} missing from {names:?}");
+    }
+}

@@ -153,6 +153,20 @@ impl MmapRegion {
         Ok(())
     }
 
+    /// Lends `len` bytes at `offset` as a slice, without copying.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the range (through any mapping of the same memory, in any process)
+    /// while the slice lives: the module's rule against references holds only for memory
+    /// that cannot change, such as a stopped VM's.
+    pub unsafe fn slice_unchanging(&self, offset: u64, len: usize) -> Result<&[u8], MmapError> {
+        let start = self.check(offset, len)?;
+        // SAFETY: bounds-checked against the live mapping, which outlives `&self`; the caller
+        // guarantees the bytes do not change while borrowed.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), len) })
+    }
+
     /// Copies `data` into the mapping at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), MmapError> {
         let start = self.check(offset, data.len())?;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use faultline::bitmap::{AtomicPageBitmap, PageBitmap};
+use faultline::guest_memory::FrozenMemory;
 use faultline::sidecar_api::Phase;
 use faultline::sync::lock;
 use faultline::wire::frame::FrameType;
@@ -47,6 +48,15 @@ impl Source<'_> {
             format!("post-copy: {} pages to move", invalid.count()),
         );
         threads::deprioritize_this_thread();
+        // SAFETY: post-copy starts after the commit point: the source VMM is fenced, its vCPUs
+        // never run again, and nothing else writes guest memory, so the memory cannot change
+        // while the view lives (this function's end).
+        let frozen = unsafe { self.mem.freeze() }.map_err(|e| {
+            Stop::failed(format!(
+                "cannot map the stopped VM's memory for sending: {e}"
+            ))
+        })?;
+        let frozen = frozen.as_ref();
         let mut needed = invalid.clone();
         let mut link = Some((main, urgent));
         loop {
@@ -58,7 +68,7 @@ impl Source<'_> {
                     l
                 }
             };
-            match self.postcopy_session(main, urgent, &needed) {
+            match self.postcopy_session(main, urgent, &needed, frozen) {
                 Ok(()) => return Ok(()),
                 Err(Link::Broken(why)) => {
                     tracing::warn!("post-copy link to the target broke: {why}; reconnecting");
@@ -141,6 +151,7 @@ impl Source<'_> {
         mut main: Conn,
         urgent: Conn,
         needed: &PageBitmap,
+        frozen: Option<&FrozenMemory>,
     ) -> Result<(), Link> {
         let needed = AtomicPageBitmap::from_bitmap(needed);
         let hint = AtomicU64::new(NO_HINT);
@@ -149,7 +160,7 @@ impl Source<'_> {
         std::thread::scope(|scope| -> Result<(), Link> {
             let server = threads::spawn_scoped(scope, "fault-server", || {
                 threads::prioritize_this_thread();
-                let result = self.serve_faults(urgent, &needed, &hint, &stop);
+                let result = self.serve_faults(urgent, &needed, &hint, &stop, frozen);
                 if let Err(e) = result
                     && !stop.load(Ordering::Acquire)
                 {
@@ -157,7 +168,7 @@ impl Source<'_> {
                 }
             })
             .map_err(|e| Link::fatal(format!("cannot start the fault server: {e}")))?;
-            let result = self.push_and_wait(&mut main, &needed, &hint, &broken);
+            let result = self.push_and_wait(&mut main, &needed, &hint, &broken, frozen);
             stop.store(true, Ordering::Release);
             if result.is_err() {
                 main.shutdown();
@@ -175,10 +186,11 @@ impl Source<'_> {
         needed: &AtomicPageBitmap,
         hint: &AtomicU64,
         broken: &Broken,
+        frozen: Option<&FrozenMemory>,
     ) -> Result<(), Link> {
         let m = self.m;
         let broken_link = || lock(broken).clone();
-        let mut sender = PageSender::new(&self.mem);
+        let mut sender = PageSender::with_frozen(&self.mem, frozen);
         let mut pacer = Pacer::new(m.policy.bandwidth_limit);
         let mut cursor = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
@@ -259,9 +271,10 @@ impl Source<'_> {
         needed: &AtomicPageBitmap,
         hint: &AtomicU64,
         stop: &AtomicBool,
+        frozen: Option<&FrozenMemory>,
     ) -> Result<(), SendError> {
         urgent.poll_every(POLL_INTERVAL);
-        let mut sender = PageSender::new(&self.mem);
+        let mut sender = PageSender::with_frozen(&self.mem, frozen);
         loop {
             let frame = match urgent.reader.read() {
                 Ok(f) => f,

@@ -517,10 +517,8 @@ mod tests {
         };
         let anon = GuestMemory::open(&layout, vec![fd]).unwrap();
         // SAFETY: as above.
-        assert!(
-            unsafe { anon.freeze() }.unwrap().is_none(),
-            "anonymous memory is read, not mapped"
-        );
+        let view = unsafe { anon.freeze() }.unwrap();
+        assert!(view.is_none(), "anonymous memory is read, not mapped");
     }
 
     #[test]

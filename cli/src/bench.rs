@@ -622,7 +622,7 @@ fn print_peer(p: &PeerReport) {
             (None, None) => "-".into(),
         };
         println!(
-            "  {:<6} {:<23} {:<9} {:>9.0} {:>11.0} {:>9.2} {:>9.0} {:>7} {:>12} {:>10.0}",
+            "  {:<6} {:<23} {:<9} {:>9.0} {:>11.0} {:>9.2} {:>9.0} {:>7} {:>12} {:>10}",
             rate,
             r.strategy.describe(),
             r.vmm,
@@ -632,7 +632,9 @@ fn print_peer(p: &PeerReport) {
             r.throughput_bytes_per_sec / 1e6,
             r.faults,
             blocked,
-            r.guest_time_lost_ms.unwrap_or(f64::NAN)
+            r.guest_time_lost_ms
+                .map(|l| format!("{l:.0}"))
+                .unwrap_or_else(|| format!("- ({:.0} it/s after)", r.rate_after_per_sec))
         );
     }
     println!("\nTargets against the peer (ratios within this run):");

@@ -138,6 +138,8 @@ pub struct GuestVerdict {
     pub verified_for_s: f64,
     /// memtouch iterations per second (all vCPUs) just before the migration started.
     pub rate_before_per_sec: f64,
+    /// The same on the target, over the verification.
+    pub rate_after_per_sec: f64,
     /// Guest time the migration cost, from its start to the end of the verification: the
     /// window less the time the work done in it takes at `rate_before_per_sec`.
     pub time_lost_ms: Option<f64>,
@@ -151,18 +153,44 @@ pub struct Progress {
     pub iterations: u64,
 }
 
-/// The guest's rate over `before`..`start`, and the time it lost over `start`..`end` against
-/// that rate, in milliseconds (None without a measurable rate). One definition for every VMM
-/// the benchmark runs.
-pub fn guest_time_lost(before: Progress, start: Progress, end: Progress) -> (f64, Option<f64>) {
-    let span = start.at.saturating_duration_since(before.at).as_secs_f64();
-    let rate = start.iterations.saturating_sub(before.iterations) as f64 / span.max(1e-9);
-    if span <= 0.0 || rate <= 0.0 {
-        return (0.0, None);
+/// What a migration cost a guest: its rate before (`before`..`start`), its rate once it had
+/// settled on the target (`settled`..`end`), and the time it lost over `start`..`end` against
+/// the rate before. One definition for every VMM the benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuestPace {
+    pub rate_before_per_sec: f64,
+    pub rate_after_per_sec: f64,
+    /// None without a measurable rate, or when the guest ran more than 10% faster than its
+    /// rate before once on the target: its pace (kept with the TSC) broke there, and work
+    /// done faster than asked would hide lost time.
+    pub lost_ms: Option<f64>,
+}
+
+fn rate(from: Progress, to: Progress) -> f64 {
+    let span = to.at.saturating_duration_since(from.at).as_secs_f64();
+    if span <= 0.0 {
+        return 0.0;
     }
+    to.iterations.saturating_sub(from.iterations) as f64 / span
+}
+
+pub fn guest_time_lost(
+    before: Progress,
+    start: Progress,
+    settled: Progress,
+    end: Progress,
+) -> GuestPace {
+    let rate_before_per_sec = rate(before, start);
+    let rate_after_per_sec = rate(settled, end);
     let window = end.at.saturating_duration_since(start.at).as_secs_f64();
     let done = end.iterations.saturating_sub(start.iterations) as f64;
-    (rate, Some((window - done / rate) * 1e3))
+    let paced = rate_after_per_sec <= rate_before_per_sec * 1.1;
+    GuestPace {
+        rate_before_per_sec,
+        rate_after_per_sec,
+        lost_ms: (rate_before_per_sec > 0.0 && paced)
+            .then(|| (window - done / rate_before_per_sec) * 1e3),
+    }
 }
 
 fn progress_of(vmm: &VmmProcess) -> anyhow::Result<Progress> {
@@ -434,7 +462,8 @@ pub fn migrate(args: &DemoArgs, show_progress: bool) -> anyhow::Result<Report> {
                 heartbeats_after: vec![],
                 sweeps_after: vec![],
                 verified_for_s: 0.0,
-                rate_before_per_sec: guest_time_lost(before, at_start, at_start).0,
+                rate_before_per_sec: rate(before, at_start),
+                rate_after_per_sec: 0.0,
                 time_lost_ms: None,
                 ok: st.failures == 0,
             },
@@ -515,7 +544,15 @@ fn verify(
             .map(|v| u64::from(v.progress))
             .sum(),
     };
-    let (rate_before_per_sec, time_lost_ms) = guest_time_lost(pace.0, pace.1, end);
+    let settled = Progress {
+        at: t,
+        iterations: before
+            .vcpu_status
+            .iter()
+            .map(|v| u64::from(v.progress))
+            .sum(),
+    };
+    let paced = guest_time_lost(pace.0, pace.1, settled, end);
     let heartbeats_after: Vec<u64> = after
         .heartbeats
         .iter()
@@ -535,8 +572,9 @@ fn verify(
         heartbeats_after,
         sweeps_after,
         verified_for_s: t.elapsed().as_secs_f64(),
-        rate_before_per_sec,
-        time_lost_ms,
+        rate_before_per_sec: paced.rate_before_per_sec,
+        rate_after_per_sec: paced.rate_after_per_sec,
+        time_lost_ms: paced.lost_ms,
         ok,
     })
 }
@@ -652,11 +690,16 @@ fn print_report(r: &Report) {
         g.heartbeats_after,
         g.sweeps_after
     );
-    if let Some(lost) = g.time_lost_ms {
-        println!(
+    match g.time_lost_ms {
+        Some(lost) => println!(
             "  guest time lost:  {lost:.0} ms (against its {:.0} iterations/s before the migration)",
             g.rate_before_per_sec
-        );
+        ),
+        None if g.rate_after_per_sec > 0.0 => println!(
+            "  guest time lost:  not measurable: {:.0} iterations/s before, {:.0} on the target",
+            g.rate_before_per_sec, g.rate_after_per_sec
+        ),
+        None => {}
     }
     if !g.failed_pages.is_empty() {
         println!("  failed pages:     {:?}", g.failed_pages);
@@ -675,10 +718,17 @@ mod tests {
             iterations,
         };
         // 1000 iterations/s, then 2 s in which only 1500 were done: 500 ms lost.
-        let (rate, lost) = guest_time_lost(p(0, 0), p(1000, 1000), p(3000, 2500));
-        assert!((rate - 1000.0).abs() < 1e-6);
-        assert!((lost.unwrap() - 500.0).abs() < 1e-6);
-        // No measurable rate: nothing to say.
-        assert_eq!(guest_time_lost(p(0, 5), p(1000, 5), p(2000, 9)).1, None);
+        let g = guest_time_lost(p(0, 0), p(1000, 1000), p(2000, 1500), p(3000, 2500));
+        assert!((g.rate_before_per_sec - 1000.0).abs() < 1e-6);
+        assert!((g.rate_after_per_sec - 1000.0).abs() < 1e-6);
+        assert!((g.lost_ms.unwrap() - 500.0).abs() < 1e-6);
+        // A guest that ran faster than its pace on the target: nothing to say.
+        let fast = guest_time_lost(p(0, 0), p(1000, 1000), p(2000, 1500), p(3000, 4000));
+        assert_eq!(fast.lost_ms, None);
+        assert!((fast.rate_after_per_sec - 2500.0).abs() < 1e-6);
+        assert_eq!(
+            guest_time_lost(p(0, 5), p(1000, 5), p(1500, 7), p(2000, 9)).lost_ms,
+            None
+        );
     }
 }

@@ -80,6 +80,9 @@ pub struct PeerRun {
     pub pages_per_sec: u64,
     /// The guest's iterations per second just before the migration (each rewrites a page).
     pub rate_before_per_sec: f64,
+    /// The same on the target over the verification (a guest well above its rate before has
+    /// lost its pace there, and its time lost is not reported).
+    pub rate_after_per_sec: f64,
     pub total_ms: f64,
     /// The pause at the switch-over, as the VMM reports it: pre-copy's stop-and-copy, or the
     /// stop before post-copy starts on the target.
@@ -145,6 +148,7 @@ pub fn faultline_row(r: &Report, w: &Workload, s: Strategy) -> anyhow::Result<Pe
         transport: r.transport.describe(),
         pages_per_sec: w.pages_per_sec,
         rate_before_per_sec: r.guest.rate_before_per_sec,
+        rate_after_per_sec: r.guest.rate_after_per_sec,
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms.unwrap_or(0.0),
         bytes_sent: r.bytes_sent,
@@ -259,11 +263,13 @@ pub fn run_qemu(w: &Workload, s: Strategy) -> anyhow::Result<PeerRun> {
     })?;
     let verify_from = Instant::now();
     std::thread::sleep(w.verify_for);
+    let settled = last_heartbeat(&dst.console, verify_from)
+        .context("the guest did not run on the target QEMU")?;
     let end = last_heartbeat(&dst.console, Instant::now())
         .context("the guest did not run on the target QEMU")?;
     let running = dst.qmp.execute("query-status", json!({}))?;
     let dst_info = dst.qmp.execute("query-migrate", json!({}))?;
-    let (rate_before_per_sec, guest_time_lost_ms) = demo::guest_time_lost(before, at_start, end);
+    let paced = demo::guest_time_lost(before, at_start, settled, end);
     let count = |c: &Console, port: u8, from: Instant| {
         c.records()
             .iter()
@@ -294,7 +300,8 @@ pub fn run_qemu(w: &Workload, s: Strategy) -> anyhow::Result<PeerRun> {
         strategy: s,
         transport: "plaintext",
         pages_per_sec: w.pages_per_sec,
-        rate_before_per_sec,
+        rate_before_per_sec: paced.rate_before_per_sec,
+        rate_after_per_sec: paced.rate_after_per_sec,
         total_ms,
         downtime_ms: number(&info, &["downtime"]).unwrap_or(0) as f64,
         bytes_sent,
@@ -302,7 +309,7 @@ pub fn run_qemu(w: &Workload, s: Strategy) -> anyhow::Result<PeerRun> {
         faults: number(&info, &["ram", "postcopy-requests"]).unwrap_or(0),
         fault_latency_us: None,
         blocktime_ms: number(&dst_info, &["postcopy-blocktime"]),
-        guest_time_lost_ms,
+        guest_time_lost_ms: paced.lost_ms,
         guest_failures,
         sweeps_after,
     })

@@ -502,28 +502,16 @@ mod tests {
         assert!(frozen.page(4).unwrap().iter().all(|&b| b == 0));
         assert!(frozen.page(8).is_err());
 
-        let mem = MmapRegion::anonymous(16 * 4096).unwrap();
-        let fd: OwnedFd = std::fs::File::open("/proc/self/mem").unwrap().into();
-        let layout = MemoryLayout {
-            regions: vec![Region {
-                guest_phys_addr: 0,
-                size: 16 * 4096,
-                backing: BackingKind::Anon,
-                fd: 0,
-                file_offset: mem.as_ptr() as u64,
-                page_size: PAGE_SIZE,
-                host_addr: mem.as_ptr() as u64,
-            }],
-        };
-        let anon = GuestMemory::open(&layout, vec![fd]).unwrap();
+        let (_mem, anon) = anon_over_proc_mem(16);
         // SAFETY: as above.
         let view = unsafe { anon.freeze() }.unwrap();
         assert!(view.is_none(), "anonymous memory is read, not mapped");
     }
 
-    #[test]
-    fn proc_mem_access() {
-        let mem = MmapRegion::anonymous(16 * 4096).unwrap();
+    /// Anonymous memory of this process's own, `pages` long, reached as a VMM's would be:
+    /// through `/proc/self/mem` at its address.
+    fn anon_over_proc_mem(pages: u64) -> (MmapRegion, GuestMemory) {
+        let mem = MmapRegion::anonymous((pages * PAGE_SIZE) as usize).unwrap();
         let fd: OwnedFd = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -534,7 +522,7 @@ mod tests {
         let layout = MemoryLayout {
             regions: vec![Region {
                 guest_phys_addr: 0,
-                size: 16 * 4096,
+                size: pages * PAGE_SIZE,
                 backing: BackingKind::Anon,
                 fd: 0,
                 file_offset: addr,
@@ -543,6 +531,12 @@ mod tests {
             }],
         };
         let gm = GuestMemory::open(&layout, vec![fd]).unwrap();
+        (mem, gm)
+    }
+
+    #[test]
+    fn proc_mem_access() {
+        let (mem, gm) = anon_over_proc_mem(16);
         gm.write(2, &[5u8; 4096]).unwrap();
         assert_eq!(mem.read_u64(2 * 4096 + 8).unwrap(), 0x0505_0505_0505_0505);
         let mut page = [1u8; 4096];

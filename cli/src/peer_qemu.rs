@@ -273,17 +273,17 @@ pub fn run_qemu(w: &Workload, s: Strategy) -> anyhow::Result<PeerRun> {
     let running = dst.qmp.execute("query-status", json!({}))?;
     let dst_info = dst.qmp.execute("query-migrate", json!({}))?;
     let paced = demo::guest_time_lost(before, at_start, settled, end);
-    let count = |c: &Console, port: u8, from: Instant| {
+    let count = |c: &Console, port: u8, from: Option<Instant>| {
         c.records()
             .iter()
-            .filter(|r| r.port == port && r.at >= from)
+            .filter(|r| r.port == port && from.is_none_or(|f| r.at >= f))
             .count() as u64
     };
-    let epoch = before.at - Duration::from_secs(3600);
+    // Failures over the guest's whole life, on either host.
     let guest_failures =
-        count(&src.console, PORT_FAILURE, epoch) + count(&dst.console, PORT_FAILURE, epoch);
-    let sweeps_after = count(&dst.console, PORT_STATUS, verify_from);
-    let heartbeats_after = count(&dst.console, PORT_HEARTBEAT, verify_from);
+        count(&src.console, PORT_FAILURE, None) + count(&dst.console, PORT_FAILURE, None);
+    let sweeps_after = count(&dst.console, PORT_STATUS, Some(verify_from));
+    let heartbeats_after = count(&dst.console, PORT_HEARTBEAT, Some(verify_from));
     if running.get("status").and_then(Value::as_str) != Some("running")
         || heartbeats_after == 0
         || guest_failures > 0

@@ -10,21 +10,27 @@ fn kvm_available() -> bool {
     faultline_local::kvm_or_skip()
 }
 
-fn demo(args: &[&str]) -> serde_json::Value {
+/// Runs `faultline ARGS`, which must succeed and print one JSON object.
+fn run_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
-        .arg("demo")
         .args(args)
-        .args(["--memory", "128M", "--json", "--warmup", "500ms"])
         .output()
-        .expect("run faultline demo");
+        .expect("run faultline");
     assert!(
         out.status.success(),
-        "demo failed ({:?}): {}\n{}",
+        "faultline {args:?} failed ({:?}): {}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+fn demo(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["demo"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--memory", "128M", "--json", "--warmup", "500ms"]);
+    run_json(&all)
 }
 
 #[test]
@@ -190,18 +196,7 @@ fn bench_quick_compares_with_qemu_side_by_side() {
     if !kvm_available() {
         return;
     }
-    let out = Command::new(BIN)
-        .args(["bench", "--quick", "--peer", "qemu", "--json"])
-        .output()
-        .expect("run faultline bench");
-    assert!(
-        out.status.success(),
-        "bench failed ({:?}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let r = run_json(&["bench", "--quick", "--peer", "qemu", "--json"]);
     let peer = &r["peer"];
     assert!(
         peer["peer"].as_str().unwrap_or("").starts_with("QEMU"),
